@@ -1,0 +1,35 @@
+# Bunch: `make dev` runs the whole stack locally, `make test` runs the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install dev test lint typecheck check bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+dev: install  ## the whole stack on free ports: redis, S3 (moto), emulators, gateway, dispatcher, packager
+	$(BIN)/python -m deploy.stack
+
+test: install  ## the test suite against real redis-server, S3 server and emulators
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy shared services deploy bench bunch_cli tests worker/handler.py worker/gemini_client.py
+
+check: lint typecheck test
+
+bench: install  ## the benchmarks of issue 5 (minutes; not part of make test): writes bench/RESULTS.md
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

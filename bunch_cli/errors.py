@@ -1,0 +1,38 @@
+"""Exit codes a script can rely on, and the one error type the commands raise."""
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    JOB_FAILED = 1  # with --wait / watch: a job ended failed or canceled
+    USAGE = 2  # bad arguments, or a request the server refused as invalid (400, 413, 415, 422)
+    AUTH = 3  # 401 / 403: a missing or wrong API key
+    NOT_FOUND = 4  # 404 / 409: no such job (or route), or not possible in the job's state
+    SERVER = 5  # the server is unreachable, timed out or answered 5xx
+    INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """A failure to report to the user as one readable message, then exit with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: ExitCode, status: int | None = None, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+        self.status = status
+        self.detail = detail
+
+
+def usage(message: str) -> CliError:
+    return CliError(message, ExitCode.USAGE)
+
+
+def exit_code_for_status(status: int) -> ExitCode:
+    if status in (401, 403):
+        return ExitCode.AUTH
+    if status in (404, 405, 409, 410):
+        return ExitCode.NOT_FOUND
+    if status == 429 or status >= 500:
+        return ExitCode.SERVER
+    return ExitCode.USAGE

@@ -1,0 +1,257 @@
+"""The whole stack on one machine, no Docker and no cloud keys: `python -m deploy.stack` (`make dev`).
+
+redis-server, moto's S3 server, the Gemini and RunPod emulators, and the three services, each a
+real process on a free port. The tests and bench/ start the same stack through `start_stack`.
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploy.processes import (
+    ROOT,
+    Process,
+    base_env,
+    free_port,
+    python,
+    scratch_dir,
+    start_redis,
+    start_s3,
+    wait_http,
+)
+
+DEV_API_KEY = "dev-key"
+DEV_PROJECT = "dev"
+EMULATOR_KEY = "emulator-key"
+SERVICES = ("gateway", "dispatcher", "packager")
+EMULATORS = ("gemini", "runpod")
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    redis_url: str
+    s3_url: str
+    gemini_url: str
+    runpod_url: str
+    gateway_url: str
+    api_keys: str
+    service_env: dict[str, str]
+    processes: dict[str, Process] = field(default_factory=dict)
+    redis_appendonly: bool = False
+    gateway_ports: dict[int, int] = field(default_factory=dict)  # extra gateway replicas' ports
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # dispatcher/packager replicas
+
+    def start_service(
+        self, name: str, replica: int = 0, extra_env: Mapping[str, str] | None = None, port: int | None = None
+    ) -> Process:
+        """Start one replica of gateway, dispatcher or packager (again, after a kill).
+
+        Gateway replica 0 listens on `gateway_url` (RunPod's webhooks go there); other replicas
+        get a port of their own (`port`, or a free one), kept when the replica is started again.
+        """
+        env = base_env({**self.service_env, **(extra_env or {}), "BUNCH_CONSUMER_NAME": f"{name}-{replica}"})
+        label = f"{name}-{replica}"
+        if name == "gateway":
+            url = self.gateway_url_of(replica, port)
+            args = python("-m", "services.gateway", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1])
+        else:
+            args = python("-m", f"services.{name}")
+            # Each replica's Prometheus endpoint, kept across restarts of that replica.
+            metrics_port = self.metrics_ports.setdefault(label, free_port())
+            env["BUNCH_METRICS_PORT"] = str(metrics_port)
+        proc = Process(label, args, env, self.workdir / f"{label}.log").start()
+        self.processes[label] = proc
+        if name == "gateway":
+            wait_http(f"{url}/healthz", proc)
+        return proc
+
+    def metrics_url(self, label: str) -> str:
+        """The /metrics URL of a process: the gateway's own route, or a worker service's port."""
+        if label.startswith("gateway"):
+            return f"{self.gateway_url_of(int(label.rsplit('-', 1)[1]))}/metrics"
+        return f"http://127.0.0.1:{self.metrics_ports[label]}/metrics"
+
+    def gateway_url_of(self, replica: int, port: int | None = None) -> str:
+        """The base URL of a gateway replica (choosing its port the first time it is asked for)."""
+        if replica == 0 and port is None:
+            return self.gateway_url
+        if port is not None:
+            self.gateway_ports[replica] = port
+        return f"http://127.0.0.1:{self.gateway_ports.setdefault(replica, free_port())}"
+
+    def restart_redis(self) -> Process:
+        """Start redis-server again on the same port and data directory (after a stop or a kill)."""
+        old = self.processes["redis"]
+        if old.alive:
+            raise RuntimeError("redis-server is still running")
+        port = int(self.redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+        proc, _ = start_redis(self.workdir, port=port, appendonly=self.redis_appendonly)
+        self.processes["redis"] = proc
+        return proc
+
+    def stop(self) -> None:
+        """SIGTERM the services together, then the servers and emulators they used. A service still
+        running 10 s later is killed, an emulator (it may hold calls made to hang) 3 s later."""
+        services = [p for name, p in self.processes.items() if name.split("-", 1)[0] in SERVICES]
+        rest = [p for p in self.processes.values() if p not in services]
+        for group in (services, rest):
+            for proc in group:
+                proc.signal(signal.SIGTERM)
+            for proc in group:
+                proc.wait(3.0 if proc.name in EMULATORS else 10.0)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}\n{proc.log_tail(60)}" for name, proc in self.processes.items())
+
+
+def start_stack(
+    workdir: Path,
+    *,
+    api_keys: str = f"{DEV_API_KEY}:{DEV_PROJECT}",
+    runpod_workers: int = 8,
+    runpod_args: tuple[str, ...] = (),
+    gemini_args: tuple[str, ...] = (),
+    service_env: Mapping[str, str] | None = None,
+    services: tuple[str, ...] = SERVICES,
+    gateway_port: int | None = None,
+    redis_appendonly: bool = False,
+    worker_env: Mapping[str, str] | None = None,
+) -> Stack:
+    """Start the stack in `workdir`. `redis_appendonly` turns AOF on (appendfsync everysec), so
+    `Stack.restart_redis` finds the data again; `worker_env` reaches the worker handler inside the
+    RunPod emulator (e.g. GEMINI_TIMEOUT_SECONDS)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    processes: dict[str, Process] = {}
+    try:
+        processes["redis"], redis_url = start_redis(workdir, appendonly=redis_appendonly)
+        processes["s3"], s3_url = start_s3(workdir)
+
+        gemini_port = free_port()
+        gemini_url = f"http://127.0.0.1:{gemini_port}"
+        processes["gemini"] = Process(
+            "gemini",
+            python("-m", "deploy.emulators.gemini", "--host", "127.0.0.1", "--port", str(gemini_port), *gemini_args),
+            base_env(),
+            workdir / "gemini.log",
+        ).start()
+
+        runpod_port = free_port()
+        runpod_url = f"http://127.0.0.1:{runpod_port}"
+        runpod_env = base_env({"GEMINI_BASE_URL": gemini_url, "GEMINI_API_KEY": EMULATOR_KEY, **(worker_env or {})})
+        processes["runpod"] = Process(
+            "runpod",
+            python(
+                "-m",
+                "deploy.emulators.runpod",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(runpod_port),
+                "--workers",
+                str(runpod_workers),
+                "--api-key",
+                EMULATOR_KEY,
+                "--handler",
+                str(ROOT / "worker" / "handler.py"),
+                *runpod_args,
+            ),
+            runpod_env,
+            workdir / "runpod.log",
+        ).start()
+        wait_http(f"{gemini_url}/_emulator/stats", processes["gemini"])
+        wait_http(f"{runpod_url}/_emulator/stats", processes["runpod"])
+    except BaseException:
+        for proc in processes.values():
+            proc.stop()
+        raise
+
+    gateway_url = f"http://127.0.0.1:{gateway_port or free_port()}"
+    env = {
+        "BUNCH_REDIS_URL": redis_url,
+        "BUNCH_S3_ENDPOINT": s3_url,
+        "BUNCH_API_KEYS": api_keys,
+        "BUNCH_PUBLIC_URL": gateway_url,
+        "BUNCH_RUNPOD_BASE_URL": f"{runpod_url}/v2",
+        "BUNCH_RUNPOD_API_KEY": EMULATOR_KEY,
+        "BUNCH_RUNPOD_ENDPOINT_ID": "local",
+        "BUNCH_WEBHOOK_SECRET": "local-webhook-secret",
+        **(service_env or {}),
+    }
+    stack = Stack(
+        workdir, redis_url, s3_url, gemini_url, runpod_url, gateway_url, api_keys, env, processes, redis_appendonly
+    )
+    try:
+        for name in services:
+            stack.start_service(name)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the whole Bunch stack locally.")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("BUNCH_DEV_PORT", "8000")))
+    parser.add_argument("--runpod-workers", type=int, default=8)
+    parser.add_argument("--keep", action="store_true", help="keep the data folder on exit")
+    args = parser.parse_args()
+    workdir = scratch_dir("bunch-dev-")
+    port = args.port if _port_free(args.port) else free_port()
+    stack = start_stack(workdir, runpod_workers=args.runpod_workers, gateway_port=port)
+    print(
+        f"""
+Bunch is running (Ctrl-C stops everything).
+  API          {stack.gateway_url}   (OpenAPI: {stack.gateway_url}/docs)
+  API key      {DEV_API_KEY}  (project '{DEV_PROJECT}')
+  Redis        {stack.redis_url}
+  S3           {stack.s3_url}  bucket 'bunch'
+  RunPod emu   {stack.runpod_url}/v2/local
+  Gemini emu   {stack.gemini_url}
+  logs         {workdir}
+
+Try:
+  curl -s -H 'Authorization: Bearer {DEV_API_KEY}' -F files=@some.png {stack.gateway_url}/api/uploads
+""",
+        flush=True,
+    )
+    stopping = False
+
+    def request_stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        while not stopping:
+            dead = [name for name, proc in stack.processes.items() if not proc.alive]
+            if dead:
+                print(f"stopped unexpectedly: {', '.join(dead)}\n{stack.logs()}", file=sys.stderr)
+                break
+            time.sleep(0.5)
+    finally:
+        stack.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The dispatcher process: `python -m services.dispatcher`."""
+
+import asyncio
+
+import aiohttp
+import uvloop
+
+from services.dispatcher.configs import ConfigCache
+from services.dispatcher.dispatch import Dispatcher
+from services.dispatcher.poller import Poller
+from services.dispatcher.results import ResultHandler
+from services.dispatcher.runpod_client import RunPodClient
+from shared import keys, logs, metrics
+from shared.jobstore import JobStore
+from shared.lifecycle import run_until_signalled, settle_garbage_collector
+from shared.settings import get_settings
+from shared.storage import Storage
+from shared.streams import StreamConsumer, connect, consumer_name
+
+
+async def main() -> None:
+    settings = get_settings()
+    redis = connect(settings)
+    store = JobStore(redis, settings)
+    storage = Storage(settings)
+    wakeup = asyncio.Event()
+    name = consumer_name(settings, "dispatcher")
+    async with aiohttp.ClientSession() as session:
+        runpod = RunPodClient(
+            session,
+            settings.runpod_base_url,
+            settings.runpod_endpoint_id,
+            settings.runpod_api_key.get_secret_value(),
+            attempts=settings.runpod_request_attempts,
+        )
+        configs = ConfigCache(store)
+        dispatcher = Dispatcher(store, configs, storage, runpod, settings, wakeup)
+        results = ResultHandler(store, configs, settings, dispatcher.complete)
+
+        async def admit(fields: dict[str, str]) -> None:
+            if await store.admit(fields["job_id"]):
+                wakeup.set()
+
+        async def record_result(fields: dict[str, str]) -> None:
+            await results(fields)
+            wakeup.set()
+
+        idle = settings.stream_claim_idle_ms
+        jobs = StreamConsumer(redis, keys.JOBS_STREAM, keys.DISPATCHER_GROUP, name, admit, claim_idle_ms=idle)
+        outcomes = StreamConsumer(
+            redis, keys.TASK_RESULTS_STREAM, keys.DISPATCHER_GROUP, name, record_result, claim_idle_ms=idle
+        )
+        control = StreamConsumer(
+            redis, keys.CONTROL_STREAM, keys.DISPATCHER_GROUP, name, dispatcher.handle_control, claim_idle_ms=idle
+        )
+        poller = Poller(store, redis, runpod, settings)
+        exporter = await metrics.serve(redis, settings.metrics_port) if settings.metrics_port else None
+        settle_garbage_collector()
+        await run_until_signalled([jobs.run, outcomes.run, control.run, dispatcher.run, poller.run])
+        if exporter is not None:
+            await exporter.cleanup()
+    await redis.aclose()
+
+
+if __name__ == "__main__":
+    logs.configure("dispatcher", get_settings().log_level)
+    uvloop.run(main())

@@ -1,0 +1,206 @@
+"""Start queued runs on RunPod while fewer than the cap are in flight."""
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+
+from services.dispatcher.backoff import backoff_delay
+from services.dispatcher.configs import ConfigCache
+from services.dispatcher.payloads import build_run_input, policy, webhook_url
+from services.dispatcher.runpod_client import RunPodClient, RunPodError
+from shared import keys, metrics
+from shared.jobstore import Claims, Completion, ImageRecord, JobStore, StartedRun
+from shared.models import ImageStatus, RunStatus
+from shared.settings import Settings
+from shared.storage import Storage
+
+log = logging.getLogger(__name__)
+
+# Runs claimed per Lua call: one call per pass in the steady state (a slot or two free up at a
+# time), few when a backlog meets free slots; small enough that one call stays short for Redis.
+CLAIM_BATCH = 16
+STARTED_RECORD_DELAY = 0.005
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: JobStore,
+        configs: ConfigCache,
+        storage: Storage,
+        runpod: RunPodClient,
+        settings: Settings,
+        wakeup: asyncio.Event,
+    ) -> None:
+        self.store = store
+        self.configs = configs
+        self.storage = storage
+        self.runpod = runpod
+        self.settings = settings
+        self.wakeup = wakeup
+        self._starting: set[asyncio.Task[None]] = set()
+        # Accepted by RunPod, its id not yet recorded: that happens with the next pass.
+        self._started: list[StartedRun] = []
+        # Run outcomes waiting for the next pass, with whoever waits to hear they are stored.
+        self._completions: list[tuple[Completion, asyncio.Future[bool]]] = []
+        self._stopped = False
+
+    async def run(self, stop: asyncio.Event, idle_wait: float = 0.25) -> None:
+        while not stop.is_set():
+            # Cleared before the pass, so news that arrives during it wakes the next one at once.
+            self.wakeup.clear()
+            try:
+                await self.start_available()
+            except Exception:
+                log.exception("dispatch pass failed")
+                await asyncio.sleep(1.0)
+            # Woken at once by local news (a run ended or started, a job arrived); other replicas'
+            # news and retries coming due are seen on the next timeout.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(idle_wait):  # unlike wait_for, no task per pass
+                    await self.wakeup.wait()
+        # Hand back nothing half-done: let /run calls already on the wire record their ids, and
+        # store the outcomes already handed over; from now on outcomes are stored directly.
+        self._stopped = True
+        if self._starting:
+            await asyncio.wait(self._starting, timeout=15)
+        try:
+            await self._pass(limit=0)
+        except Exception:
+            log.exception("could not store what this dispatcher still held; it is delivered again")
+
+    async def complete(self, completion: Completion) -> bool:
+        """Store a run's outcome in the next pass, in one round trip with the claims it frees a
+        slot for; True when this call stored it (not an earlier delivery)."""
+        if self._stopped:
+            return await self.store.complete(completion)
+        future = asyncio.get_running_loop().create_future()
+        self._completions.append((completion, future))
+        self.wakeup.set()
+        return await future
+
+    async def start_available(self) -> None:
+        # A full batch of claims means more may start at once.
+        while len(await self._pass(limit=CLAIM_BATCH)) == CLAIM_BATCH:
+            continue
+
+    async def _pass(self, limit: int) -> list[tuple[str, int]]:
+        """Store the outcomes handed over, record the RunPod ids of runs started since the last
+        pass, claim up to `limit` runs and start them: one Redis round trip."""
+        completions, self._completions = self._completions, []
+        started, self._started = self._started, []
+        now = time.time()
+        stored: list[bool | Exception]
+        claims: Claims | Exception
+        try:
+            stored, claims = await self.store.settle_and_claim(
+                [completion for completion, _ in completions],
+                now,
+                now + self.settings.webhook_grace_seconds,
+                limit,
+                started,
+            )
+        except Exception as exc:  # Redis unreachable: nothing of the pass happened
+            stored, claims = [exc] * len(completions), exc
+        except BaseException:
+            self._started[:0] = started
+            for _, future in completions:
+                future.cancel()
+            raise
+        for (_, future), outcome in zip(completions, stored, strict=True):
+            if future.done():  # its waiter gave up (shutdown)
+                continue
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)  # the outcome's message stays pending, delivered again
+            else:
+                future.set_result(outcome)
+        if isinstance(claims, Exception):
+            self._started[:0] = started  # not recorded: the next pass tries again
+            raise claims
+        await self._settle_started(started, claims.recorded)
+        for claim in claims.runs:
+            task = asyncio.create_task(self.start(*claim))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+        return claims.runs
+
+    async def start(self, run_id: str, attempt: int) -> None:
+        job_id, _ = keys.split_run_id(run_id)
+        ids = {"job_id": job_id, "run_id": run_id, "attempt": attempt}
+        claimed = time.monotonic()
+        try:
+            config = await self.configs.get(job_id)
+            slots = await self.store.run_slots(run_id, config)
+            run_input = build_run_input(config, run_id, slots, attempt, self.storage, self.settings)
+            runpod_id = await self.runpod.run(
+                run_input.model_dump(mode="json"), webhook_url(run_id, attempt, self.settings), policy(self.settings)
+            )
+        except RunPodError as exc:
+            metrics.RUNPOD_ERRORS.labels(f"run_{exc.status or 'unreachable'}").inc()
+            await self._not_started(run_id, attempt, slots, exc)
+            return
+        except Exception:
+            # Redis trouble: the run stays claimed and the poller requeues it once overdue.
+            log.exception("could not start run %s", run_id, extra=ids)
+            return
+        metrics.DISPATCH_LATENCY.observe(time.monotonic() - claimed)
+        metrics.RUNS_STARTED.inc()
+        # Recorded by the next pass, which the next run outcome brings when runs are many; a pass
+        # of its own for each would double the round trips per run. When runs are few, a pass
+        # comes after STARTED_RECORD_DELAY: the gateway checks webhook bodies against this id.
+        self._started.append(StartedRun(run_id, attempt, runpod_id))
+        asyncio.get_running_loop().call_later(STARTED_RECORD_DELAY, self._record_started_soon)
+
+    def _record_started_soon(self) -> None:
+        if self._started:
+            self.wakeup.set()
+
+    async def _settle_started(self, started: list[StartedRun], recorded: list[bool]) -> None:
+        for run, live in zip(started, recorded, strict=True):
+            ids = {"job_id": keys.split_run_id(run.run_id)[0], "run_id": run.run_id, "attempt": run.attempt}
+            if live:
+                log.debug("run %s attempt %s started as %s", run.run_id, run.attempt, run.runpod_id, extra=ids)
+                continue
+            current = await self.store.run(run.run_id)
+            if current is not None and (current.status == RunStatus.CANCELED or current.attempt != run.attempt):
+                # Canceled while /run was on the wire, or given up on meanwhile (its start took longer
+                # than the webhook grace, so the poller started it again as a new attempt): this
+                # execution can no longer count, so stop it on RunPod instead of paying for it.
+                log.warning("run %s is no longer live; canceling %s", run.run_id, run.runpod_id, extra=ids)
+                await self.cancel_on_runpod([run.runpod_id])
+
+    async def cancel_on_runpod(self, runpod_ids: list[str]) -> None:
+        for runpod_id in runpod_ids:
+            try:
+                await self.runpod.cancel(runpod_id)
+            except RunPodError as exc:
+                log.warning("RunPod did not cancel %s: %s", runpod_id, exc)
+
+    async def handle_control(self, fields: dict[str, str]) -> None:
+        if fields.get("action") == "cancel":
+            await self.cancel_on_runpod(json.loads(fields.get("runpod_ids") or "[]"))
+
+    async def _not_started(self, run_id: str, attempt: int, slots: Sequence[int], exc: RunPodError) -> None:
+        ids = {"job_id": keys.split_run_id(run_id)[0], "run_id": run_id, "attempt": attempt}
+        if exc.retryable:
+            delay = backoff_delay(attempt, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
+            log.warning("RunPod did not take run %s (%s); trying again in %.1fs", run_id, exc, delay, extra=ids)
+            # The same attempt: it never started, so nothing of it can arrive later.
+            await self.store.requeue(run_id, attempt, time.time() + delay, new_attempt=False, reason=str(exc))
+            return
+        log.error("RunPod refused run %s: %s", run_id, exc, extra=ids)
+        now = time.time()
+        records = {
+            index: ImageRecord(
+                status=ImageStatus.FAILED,
+                attempt=attempt,
+                error="dispatch_rejected",
+                detail=str(exc)[:500],
+                finished_at=now,
+            )
+            for index in slots
+        }
+        await self.store.complete(Completion(run_id, attempt, RunStatus.FAILED, records))

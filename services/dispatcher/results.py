@@ -1,0 +1,145 @@
+"""Turn what RunPod says about a run (webhook or /status) into its final outcome, exactly once."""
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from services.dispatcher.backoff import backoff_delay
+from services.dispatcher.configs import ConfigCache
+from shared import keys, metrics
+from shared.jobstore import Completion, ImageRecord, JobStore
+from shared.models import ImageOutcome, ImageStatus, RunStatus
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FINAL_FAILURES = {"FAILED", "TIMED_OUT", "CANCELLED"}
+# Our own marker: /status answered 404, so the run's result is gone (RunPod keeps it 30 min).
+EXPIRED = "EXPIRED"
+
+
+class ResultHandler:
+    def __init__(
+        self,
+        store: JobStore,
+        configs: ConfigCache,
+        settings: Settings,
+        complete: Callable[[Completion], Awaitable[bool]],
+    ) -> None:
+        self.store = store
+        self.configs = configs
+        self.settings = settings
+        # Dispatcher.complete: the outcome is stored in the same round trip as the next claims.
+        self.complete = complete
+
+    async def __call__(self, fields: dict[str, str]) -> None:
+        run_id, attempt = fields["run_id"], int(fields["attempt"])
+        body = json.loads(fields.get("body") or "{}")
+        status = body.get("status")
+        if status == "COMPLETED":
+            await self._completed(run_id, attempt, body.get("output"))
+        elif status in FINAL_FAILURES or status == EXPIRED:
+            metrics.RUNPOD_ERRORS.labels(status.lower()).inc()
+            await self._failed(run_id, attempt, f"{status}: {_error_text(body)}")
+        # IN_QUEUE / IN_PROGRESS: nothing final to record.
+
+    async def _completed(self, run_id: str, attempt: int, output: Any) -> None:
+        job_id, _ = keys.split_run_id(run_id)
+        config = await self.configs.get(job_id)
+        outcomes = _parse_outcomes(output)
+        now = time.time()
+        records: dict[int, ImageRecord] = {}
+        for index in await self.store.run_slots(run_id, config):
+            outcome = outcomes.get(index)
+            if outcome is None:
+                records[index] = ImageRecord(
+                    status=ImageStatus.FAILED,
+                    attempt=attempt,
+                    error="missing_output",
+                    detail="the worker returned no result for this image",
+                    finished_at=now,
+                )
+            elif outcome.status == "succeeded":
+                records[index] = ImageRecord(
+                    status=ImageStatus.SUCCEEDED,
+                    attempt=attempt,
+                    object_key=keys.image_object(run_id, index, attempt),
+                    mime_type=outcome.mime_type,
+                    bytes=outcome.bytes,
+                    crc32=outcome.crc32,
+                    prompt_tokens=outcome.prompt_tokens,
+                    output_tokens=outcome.output_tokens,
+                    finished_at=now,
+                )
+            else:
+                records[index] = ImageRecord(
+                    status=ImageStatus.FAILED,
+                    attempt=attempt,
+                    error=outcome.error or "upstream_error",
+                    detail=outcome.detail,
+                    prompt_tokens=outcome.prompt_tokens,
+                    finished_at=now,
+                )
+        if await self.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, records)):
+            # Counted only when recorded, so duplicates of a result do not count twice.
+            for record in records.values():
+                metrics.IMAGES.labels(record.status.value).inc()
+                if record.status == ImageStatus.FAILED:
+                    metrics.GEMINI_ERRORS.labels(record.error or "unknown").inc()
+            log.debug("run %s attempt %s completed", run_id, attempt, extra=_ids(run_id))
+
+    async def _failed(self, run_id: str, attempt: int, reason: str) -> None:
+        run = await self.store.run(run_id)
+        if run is None or run.attempt != attempt or run.status != RunStatus.DISPATCHED:
+            return  # stale or duplicate news about an attempt that is already settled
+        if attempt < self.settings.max_run_attempts:
+            delay = backoff_delay(attempt, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
+            await self.store.requeue(run_id, attempt, time.time() + delay, new_attempt=True, reason=reason)
+            log.warning(
+                "run %s attempt %s failed (%s); retrying in %.1fs", run_id, attempt, reason, delay, extra=_ids(run_id)
+            )
+            return
+        job_id, _ = keys.split_run_id(run_id)
+        config = await self.configs.get(job_id)
+        now = time.time()
+        records = {
+            index: ImageRecord(
+                status=ImageStatus.FAILED, attempt=attempt, error="run_failed", detail=reason[:500], finished_at=now
+            )
+            for index in await self.store.run_slots(run_id, config)
+        }
+        if await self.complete(Completion(run_id, attempt, RunStatus.FAILED, records)):
+            log.error("run %s failed after %s attempts: %s", run_id, attempt, reason, extra=_ids(run_id))
+
+
+def _ids(run_id: str) -> dict[str, str]:
+    return {"job_id": keys.split_run_id(run_id)[0], "run_id": run_id}
+
+
+def _parse_outcomes(output: Any) -> dict[int, ImageOutcome]:
+    outcomes: dict[int, ImageOutcome] = {}
+    images = output.get("images") if isinstance(output, dict) else None
+    for raw in images or []:
+        try:
+            outcome = ImageOutcome.model_validate(raw)
+        except ValidationError:
+            continue
+        outcomes[outcome.index] = outcome
+    return outcomes
+
+
+def _error_text(body: dict[str, Any]) -> str:
+    error = body.get("error")
+    if isinstance(error, str):
+        try:
+            parsed = json.loads(error)
+            if isinstance(parsed, dict):
+                return str(parsed.get("error_message") or parsed.get("error_type") or error)[:300]
+        except ValueError:
+            pass
+        return error[:300]
+    return "no error given" if error is None else str(error)[:300]

@@ -1,0 +1,70 @@
+"""Checking an uploaded file is a real, supported, reasonably sized image (with Pillow)."""
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+class ImageRejected(Exception):
+    def __init__(self, status_code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status_code = status_code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    sha256: str
+    width: int
+    height: int
+    format: str
+    content_type: str
+    size: int
+
+    @property
+    def upload_id(self) -> str:
+        return self.sha256[:32]
+
+
+def check_image(data: bytes, max_bytes: int, max_pixels: int) -> CheckedImage:
+    """Blocking (decodes the whole image): run it in a thread."""
+    if not data:
+        raise ImageRejected(422, "the file is empty")
+    if len(data) > max_bytes:
+        raise ImageRejected(413, f"the file is larger than {max_bytes // (1024 * 1024)} MB")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageRejected(413, f"the image has {width}x{height} pixels; at most {max_pixels} are allowed")
+            # Many cameras and phones write MPO: a JPEG followed by extra images (a preview, a depth
+            # map) that JPEG readers ignore. It is a JPEG to everyone downstream, not an animation.
+            jpeg_with_extras = image.format == "MPO"
+            if image.format not in ALLOWED_FORMATS and not jpeg_with_extras:
+                raise ImageRejected(415, f"{image.format} images are not supported; use PNG, JPEG or WEBP")
+            if getattr(image, "n_frames", 1) > 1 and not jpeg_with_extras:
+                raise ImageRejected(415, "animated images are not supported")
+            image.load()  # decodes every pixel (of the first frame): catches truncated and corrupt files
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageRejected(413, "the image has too many pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        reason = "not an image" if isinstance(exc, UnidentifiedImageError) else f"a damaged image ({exc})"
+        raise ImageRejected(415 if isinstance(exc, UnidentifiedImageError) else 422, f"the file is {reason}") from None
+    fmt = "JPEG" if jpeg_with_extras else str(image.format)
+    return CheckedImage(
+        sha256=hashlib.sha256(data).hexdigest(),
+        width=width,
+        height=height,
+        format=fmt.lower(),
+        content_type=ALLOWED_FORMATS[fmt],
+        size=len(data),
+    )

@@ -1,0 +1,83 @@
+"""Building the job views that several routes return."""
+
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import HTTPException, status
+
+from services.gateway.schemas import JobStatusView, Progress, ZipInfo
+from shared.jobstore import NO_FIGURES, JobRecord, JobStore, QueueFigures
+from shared.models import JobStatus
+from shared.storage import Storage
+
+JOB_NOT_FOUND = "No such job in this project."
+
+
+def timestamp(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+async def job_or_404(store: JobStore, project: str, job_id: str) -> JobRecord:
+    job = await store.get_for_project(project, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, JOB_NOT_FOUND)
+    return job
+
+
+def zip_info(job: JobRecord, storage: Storage) -> ZipInfo:
+    # Signed on every read: an old job's link works for as long as its data is kept.
+    if job.zip_key is None or job.status not in (JobStatus.COMPLETED, JobStatus.CANCELED):
+        return ZipInfo(ready=False)
+    return ZipInfo(ready=True, bytes=job.zip_bytes, url=storage.presigned_get(job.zip_key, f"bunch-{job.id}.zip"))
+
+
+def progress(job: JobRecord) -> Progress:
+    return Progress(
+        images_total=job.images_total,
+        images_succeeded=job.images_succeeded,
+        images_failed=job.images_failed,
+        runs_total=job.runs_total,
+        runs_done=job.runs_done,
+    )
+
+
+async def status_fields(job: JobRecord, store: JobStore, storage: Storage, *, live: bool = True) -> dict[str, Any]:
+    """The status view's fields; `live` adds the queue figures, which cost a script call."""
+    return fields_with(job, await store.queue_figures(job) if live else NO_FIGURES, storage)
+
+
+def fields_with(job: JobRecord, figures: QueueFigures, storage: Storage) -> dict[str, Any]:
+    waiting, running = figures.wait_seconds, figures.run_seconds
+    eta = None if waiting is None or running is None else round(waiting + running, 1)
+    return {
+        "id": job.id,
+        "status": job.status,
+        "mode": job.mode,
+        "group": job.group,
+        "group_id": job.group_id,
+        "priority": job.priority,
+        "progress": progress(job),
+        "queue_position": figures.position,
+        "eta_seconds": eta,
+        "eta_wait_seconds": waiting,
+        "eta_run_seconds": running,
+        "error": job.error,
+        "created_at": timestamp(job.created_at),
+        "started_at": timestamp(job.started_at),
+        "completed_at": timestamp(job.completed_at),
+        "zip": zip_info(job, storage),
+        "retry_of": job.retry_of,
+        "retried_by": job.retried_by,
+    }
+
+
+async def status_view(job: JobRecord, store: JobStore, storage: Storage, *, live: bool = True) -> JobStatusView:
+    return JobStatusView(**await status_fields(job, store, storage, live=live))
+
+
+async def live_status_view(store: JobStore, storage: Storage, project: str, job_id: str) -> JobStatusView:
+    """GET status's view: the job and its queue figures come from one Redis call."""
+    found = await store.status_for_project(project, job_id)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, JOB_NOT_FOUND)
+    return JobStatusView(**fields_with(*found, storage))

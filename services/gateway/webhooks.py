@@ -1,0 +1,92 @@
+"""POST /internal/runpod/webhook: RunPod's completion callback, trusted only with a token we issued.
+
+The token (shared/tokens.py) names the run and attempt it was issued for. A callback is passed on
+to the dispatcher (keys.TASK_RESULTS_STREAM) only when it can still matter: its attempt is the
+run's current one and the run is still waiting for its outcome. A callback about a run already
+settled (final, canceled, retried as a newer attempt) is answered 200 and changes nothing, so
+RunPod stops retrying it. Once RunPod's job id for the attempt is known, a body about any other
+RunPod job is refused: a token seen once cannot carry another run's results.
+"""
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from pydantic import BaseModel
+
+from services.gateway.deps import ProjectDep, RedisDep, SettingsDep
+from services.gateway.schemas import API_PROBLEMS, problems
+from shared import events, keys, tokens
+from shared.models import RunStatus
+from shared.webhook_signing import project_webhook_secret
+
+router = APIRouter(prefix="/internal/runpod", tags=["internal"])
+secrets_router = APIRouter(prefix="/api/webhooks", tags=["webhooks"], responses=API_PROBLEMS)
+
+MAX_BODY = 1024 * 1024
+
+
+class WebhookAnswer(BaseModel):
+    accepted: bool
+    # Why a callback with a valid token was not passed on (nothing changed).
+    reason: str | None = None
+
+
+@router.post(
+    "/webhook",
+    status_code=status.HTTP_200_OK,
+    response_model=WebhookAnswer,
+    responses=problems(
+        400,
+        401,
+        403,
+        413,
+        422,
+        503,
+        described={
+            401: "No webhook token",
+            403: "A token Bunch did not issue, altered or expired, or a body about another RunPod job",
+        },
+    ),
+)
+async def runpod_webhook(
+    request: Request, settings: SettingsDep, redis: RedisDep, token: str = Query("", max_length=512)
+) -> WebhookAnswer:
+    if not token:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Missing webhook token.")
+    claim = tokens.verify(settings.webhook_secret.get_secret_value(), token)
+    if claim is None:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "Invalid or expired webhook token.")
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, "Webhook body too large.")
+    try:
+        body: Any = json.loads(raw) if raw else {}
+    except ValueError:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "Webhook body is not JSON.") from None
+    run_status = body.get("status") if isinstance(body, dict) else None
+    if not isinstance(run_status, str) or not run_status:
+        # RunPod sometimes posts empty bodies; the dispatcher's /status polling covers those runs.
+        return WebhookAnswer(accepted=False, reason="empty body")
+    attempt, state, runpod_id = await redis.hmget(keys.run(claim.run_id), "attempt", "status", "runpod_id")
+    current = attempt == str(claim.attempt)
+    if current and runpod_id and body.get("id") != runpod_id:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "The webhook body is about another RunPod job than its token was issued for."
+        )
+    if not current or state != RunStatus.DISPATCHED.value:
+        return WebhookAnswer(accepted=False, reason="the run's outcome for this attempt is already settled")
+    await redis.xadd(keys.TASK_RESULTS_STREAM, events.task_result(claim.run_id, claim.attempt, body, "webhook"))
+    return WebhookAnswer(accepted=True)
+
+
+class WebhookSecret(BaseModel):
+    secret: str
+    header: str = "Bunch-Signature"
+    scheme: str = 't=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">'
+
+
+@secrets_router.get("/secret", response_model=WebhookSecret)
+async def project_webhook_signing_secret(project: ProjectDep, settings: SettingsDep) -> WebhookSecret:
+    """The secret this project's webhook receivers verify `Bunch-Signature` with."""
+    return WebhookSecret(secret=project_webhook_secret(settings, project))

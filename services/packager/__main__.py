@@ -1,0 +1,61 @@
+"""The packager process: `python -m services.packager`.
+
+Loops until SIGTERM: job ZIPs (PACKAGING_STREAM), group downloads (DOWNLOADS_STREAM), user
+webhooks (NOTIFICATIONS_STREAM), and the retention schedule (an in-process arq worker).
+"""
+
+import asyncio
+from functools import partial
+
+from services.packager.downloads import DownloadBuilder
+from services.packager.notifier import run_notifier
+from services.packager.packaging import Packager
+from services.packager.retention import RetentionSchedule
+from shared import keys, logs, metrics
+from shared.jobstore import JobStore
+from shared.lifecycle import run_until_signalled
+from shared.settings import get_settings
+from shared.storage import Storage
+from shared.streams import StreamConsumer, connect, consumer_name
+
+
+async def main() -> None:
+    settings = get_settings()
+    redis = connect(settings)
+    storage = Storage(settings)
+    await storage.ensure_bucket()
+    store = JobStore(redis, settings)
+    name = consumer_name(settings, "packager")
+    # batch=1 and a heartbeat: a ZIP can take minutes, and must not be claimed as abandoned meanwhile.
+    jobs = StreamConsumer(
+        redis,
+        keys.PACKAGING_STREAM,
+        keys.PACKAGER_GROUP,
+        name,
+        Packager(store, storage, settings),
+        batch=1,
+        heartbeat=True,
+        claim_idle_ms=settings.stream_claim_idle_ms,
+    )
+    downloads = StreamConsumer(
+        redis,
+        keys.DOWNLOADS_STREAM,
+        keys.PACKAGER_GROUP,
+        name,
+        DownloadBuilder(redis, store, storage, settings),
+        batch=1,
+        heartbeat=True,
+        claim_idle_ms=settings.stream_claim_idle_ms,
+    )
+    retention = RetentionSchedule(redis, storage, settings)
+    notifier = partial(run_notifier, redis, settings, storage)
+    exporter = await metrics.serve(redis, settings.metrics_port) if settings.metrics_port else None
+    await run_until_signalled([jobs.run, downloads.run, notifier, retention.run])
+    if exporter is not None:
+        await exporter.cleanup()
+    await redis.aclose()
+
+
+if __name__ == "__main__":
+    logs.configure("packager", get_settings().log_level)
+    asyncio.run(main())

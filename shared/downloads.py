@@ -1,0 +1,71 @@
+"""Download records (keys.download): the gateway creates them, the packager builds them."""
+
+import json
+import time
+import uuid
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, field_validator
+from redis.asyncio import Redis
+
+from shared import keys
+
+
+class DownloadStatus(StrEnum):
+    QUEUED = "queued"
+    BUILDING = "building"
+    READY = "ready"
+    FAILED = "failed"
+
+
+FINAL_DOWNLOAD_STATUSES = frozenset({DownloadStatus.READY, DownloadStatus.FAILED})
+
+
+class DownloadRecord(BaseModel):
+    """The hash keys.download(id)."""
+
+    id: str
+    project: str
+    group_ids: list[str]
+    status: DownloadStatus
+    created_at: float
+    completed_at: float | None = None
+    image_count: int | None = None
+    zip_key: str | None = None
+    zip_bytes: int | None = None
+    # A download of exactly one image links that image instead of zipping it.
+    single_key: str | None = None
+    single_name: str | None = None
+    error: str | None = None
+    attempts: int = 0
+
+    @field_validator("group_ids", mode="before")
+    @classmethod
+    def _from_json(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+
+async def create_download(redis: Redis, project: str, group_ids: list[str]) -> DownloadRecord:
+    """Record a queued download and publish it for the packager, all or nothing."""
+    record = DownloadRecord(
+        id=uuid.uuid4().hex,
+        project=project,
+        group_ids=group_ids,
+        status=DownloadStatus.QUEUED,
+        created_at=time.time(),
+    )
+    fields = {**record.model_dump(mode="json", exclude_none=True), "group_ids": json.dumps(group_ids)}
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.download(record.id), mapping=fields)
+        pipe.zadd(keys.DOWNLOADS_BY_TIME, {record.id: record.created_at})
+        pipe.xadd(keys.DOWNLOADS_STREAM, {"download_id": record.id})
+        await pipe.execute()
+    return record
+
+
+async def load_download(redis: Redis, download_id: str) -> DownloadRecord | None:
+    raw = await redis.hgetall(keys.download(download_id))
+    if not raw:
+        return None
+    return DownloadRecord.model_validate({k: v for k, v in raw.items() if v != ""})

@@ -1,0 +1,392 @@
+"""Jobs, runs and images in Redis: the state of record, read and changed by every service."""
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+from shared import keys, lua, planning
+from shared.models import ImageStatus, JobRequest, JobStatus, RunStatus
+from shared.planning import JobConfig
+from shared.settings import Settings
+
+_config_adapter: TypeAdapter[JobConfig] = TypeAdapter(JobRequest)
+
+# score = priority * scale + sequence: lower runs sooner, first in first out among equals.
+# 2**32 keeps every score within the 14 digits Lua prints exactly.
+PRIORITY_SCALE = 2**32
+
+
+class MissingKeys(Exception):
+    """Keys a write required do not exist (by their indices among those given); nothing was written."""
+
+    def __init__(self, indices: list[int]) -> None:
+        super().__init__(indices)
+        self.indices = indices
+
+
+class JobRecord(BaseModel):
+    id: str
+    project: str
+    mode: str
+    group: str
+    group_id: str | None = None
+    priority: int
+    seq: int = 0
+    status: JobStatus
+    images_total: int
+    runs_total: int
+    runs_started: int = 0
+    runs_done: int = 0
+    images_succeeded: int = 0
+    images_failed: int = 0
+    tokens: int = 0
+    created_at: float
+    started_at: float | None = None
+    completed_at: float | None = None
+    error: str | None = None
+    zip_key: str | None = None
+    zip_bytes: int | None = None
+    retry_of: str | None = None
+    retried_by: str | None = None
+    webhook_url: str | None = None
+
+
+_JOB_FIELDS = list(JobRecord.model_fields)
+
+
+class ImageRecord(BaseModel):
+    """The outcome of one image slot's latest attempt (stored as JSON in the job's images hash)."""
+
+    status: ImageStatus
+    attempt: int
+    object_key: str | None = None
+    mime_type: str | None = None
+    bytes: int | None = None
+    crc32: int | None = None
+    error: str | None = None
+    detail: str | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    finished_at: float
+
+
+class RunRecord(BaseModel):
+    job_id: str
+    project: str
+    attempt: int
+    status: RunStatus
+    runpod_id: str = ""
+    dispatched_at: float | None = None
+    last_error: str | None = None
+    slots: str | None = None  # redo runs only: "3,7"
+
+
+def _present(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in raw.items() if v is not None and v != ""}
+
+
+def _job_record(values: Sequence[str | None]) -> JobRecord | None:
+    """A JobRecord from the values of _JOB_FIELDS, in order (None when the job does not exist)."""
+    if values[0] is None:
+        return None
+    return JobRecord.model_validate(_present(dict(zip(_JOB_FIELDS, values, strict=True))))
+
+
+@dataclass(frozen=True, slots=True)
+class StartedRun:
+    """A run attempt RunPod accepted, as the id RunPod gave it."""
+
+    run_id: str
+    attempt: int
+    runpod_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A run attempt's final outcome, image by image, to store once (Lua COMPLETE)."""
+
+    run_id: str
+    attempt: int
+    status: RunStatus
+    images: dict[int, ImageRecord]
+
+    def args(self, now: float) -> list[Any]:
+        job_id, _ = keys.split_run_id(self.run_id)
+        succeeded = sum(1 for r in self.images.values() if r.status == ImageStatus.SUCCEEDED)
+        tokens = sum(r.prompt_tokens + r.output_tokens for r in self.images.values())
+        args: list[Any] = [self.run_id, job_id, self.attempt, now, self.status.value, succeeded]
+        args += [len(self.images) - succeeded, tokens]
+        for index, record in self.images.items():
+            args += [index, record.model_dump_json(exclude_none=True)]
+        return args
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    runs: list[tuple[str, int]]  # run_id, attempt
+    recorded: list[bool]  # per started run given: False if that attempt was no longer live
+
+
+class JobStore:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._acquire = redis.register_script(lua.ACQUIRE)
+        self._admit = redis.register_script(lua.ADMIT)
+        self._set_priority = redis.register_script(lua.SET_PRIORITY)
+        self._requeue = redis.register_script(lua.REQUEUE)
+        self._complete = redis.register_script(lua.COMPLETE)
+        self._transition = redis.register_script(lua.TRANSITION)
+        self._cancel = redis.register_script(lua.CANCEL)
+        self._redo = redis.register_script(lua.REDO)
+        self._queue_figures = redis.register_script(lua.queue_figures())
+        self._status = redis.register_script(lua.queue_figures(_JOB_FIELDS))
+        self._create = redis.register_script(lua.CREATE)
+
+    # --- jobs ---
+
+    async def create(
+        self,
+        project: str,
+        config: JobConfig,
+        *,
+        group_id: str | None = None,
+        group_name: str | None = None,
+        retry_of: str | None = None,
+        required: Sequence[str] = (),
+    ) -> JobRecord:
+        """Store a queued job and publish it for the dispatcher, all or nothing, in one script call.
+
+        The job goes in group `group_id`, or in the project's group named `group_name` (created if
+        there is none). With `required` (distinct keys: its uploads), only if they all exist: else
+        MissingKeys with their indices, and nothing is written."""
+        record = JobRecord(
+            id=uuid.uuid4().hex,
+            project=project,
+            mode=config.mode,
+            group=config.group,
+            priority=config.priority,
+            status=JobStatus.QUEUED,
+            images_total=planning.images_total(config),
+            runs_total=planning.runs_total(config, self.settings.run_size),
+            created_at=time.time(),
+            retry_of=retry_of,
+            webhook_url=config.webhook_url,
+        )
+        fields = _present(record.model_dump(mode="json", exclude={"seq", "group_id"}))
+        fields["config"] = config.model_dump_json()
+        args: list[Any] = [record.id, project, record.created_at, record.priority, PRIORITY_SCALE]
+        # Strings, so Redis stores each value exactly as redis-py would have written it; raw UTF-8,
+        # so text reaches Redis as the encoder would have sent it.
+        values = json.dumps({name: str(value) for name, value in fields.items()}, ensure_ascii=False)
+        args += [group_id or "", retry_of or "", values, group_name or "", uuid.uuid4().hex]
+        created = await self._create(keys=list(required), args=args)
+        if not created[0]:
+            raise MissingKeys([int(position) - 1 for position in created[1]])
+        record.seq = int(created[1])
+        record.group_id = str(created[2]) or None
+        return record
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        # Named fields only: the config of a 10,000-input job stays out of status reads.
+        return _job_record(await self.redis.hmget(keys.job(job_id), _JOB_FIELDS))
+
+    async def get_many(self, job_ids: Sequence[str]) -> list[JobRecord]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(keys.job(job_id), _JOB_FIELDS)
+            rows = await pipe.execute()
+        return [job for job in map(_job_record, rows) if job is not None]
+
+    async def get_for_project(self, project: str, job_id: str) -> JobRecord | None:
+        job = await self.get(job_id)
+        return job if job is not None and job.project == project else None
+
+    async def config(self, job_id: str) -> JobConfig:
+        raw = await self.redis.hget(keys.job(job_id), "config")
+        if raw is None:
+            raise KeyError(job_id)
+        return _config_adapter.validate_json(raw)
+
+    async def admit(self, job_id: str) -> bool:
+        """Put an accepted job in its project's queue (idempotent: a redelivery changes nothing)."""
+        return bool(await self._admit(args=[job_id, PRIORITY_SCALE]))
+
+    async def set_priority(self, job_id: str, priority: int) -> bool:
+        """False when every run of the job has already started."""
+        return bool(await self._set_priority(args=[job_id, priority, PRIORITY_SCALE]))
+
+    async def transition(self, job_id: str, from_status: JobStatus, to_status: JobStatus, **fields: Any) -> bool:
+        args: list[Any] = [job_id, from_status.value, to_status.value, time.time()]
+        for name, value in fields.items():
+            args += [name, "" if value is None else value]
+        return bool(await self._transition(args=args))
+
+    async def cancel(self, job_id: str) -> tuple[bool, str]:
+        """(True, runs stopped) or (False, the status that forbids canceling)."""
+        done, detail = await self._cancel(args=[job_id, time.time()])
+        return bool(done), str(detail)
+
+    async def redo(self, job_id: str, indices: Sequence[int]) -> tuple[bool, str]:
+        """Queue redo runs of at most run_size images; (False, status) if the job is not finished."""
+        ordered = sorted(set(indices))
+        first = await self.redis.hincrby(keys.job(job_id), "redo_runs", 0)
+        size = self.settings.run_size
+        chunks = [ordered[i : i + size] for i in range(0, len(ordered), size)]
+        await self.redis.hincrby(keys.job(job_id), "redo_runs", len(chunks))
+        args: list[Any] = [job_id, time.time()]
+        for n, chunk in enumerate(chunks, start=first):
+            args += [keys.run_id(job_id, f"r{n}"), ",".join(map(str, chunk))]
+        done, detail = await self._redo(args=args)
+        return bool(done), str(detail)
+
+    # --- runs ---
+
+    async def acquire(self, now: float, deadline: float) -> tuple[str, int] | None:
+        """Claim the next run to start if every cap allows it (atomic across replicas)."""
+        claimed = (await self.acquire_many(now, deadline, 1)).runs
+        return claimed[0] if claimed else None
+
+    async def acquire_many(self, now: float, deadline: float, limit: int, started: Sequence[StartedRun] = ()) -> Claims:
+        """Record the RunPod ids of `started`, then claim up to `limit` runs, in the order single
+        claims would take them (fewer than `limit`: no more can start now)."""
+        return _claims(await self._acquire(args=self._acquire_args(now, deadline, limit, started)))
+
+    async def settle_and_claim(
+        self, completions: Sequence[Completion], now: float, deadline: float, limit: int, started: Sequence[StartedRun]
+    ) -> tuple[list[bool | Exception], Claims | Exception]:
+        """A dispatcher pass in one round trip: COMPLETE each finished run (True: recorded now, not
+        before), then acquire_many. Each part succeeds or fails on its own."""
+        calls = [(self._complete, completion.args(now)) for completion in completions]
+        calls.append((self._acquire, self._acquire_args(now, deadline, limit, started)))
+        *completed, claimed = await self._evalsha_all(calls)
+        outcomes = [answer if isinstance(answer, Exception) else bool(answer) for answer in completed]
+        return outcomes, claimed if isinstance(claimed, Exception) else _claims(claimed)
+
+    def _acquire_args(self, now: float, deadline: float, limit: int, started: Sequence[StartedRun]) -> list[Any]:
+        s = self.settings
+        cap = s.max_concurrency + s.dispatch_prefetch
+        args: list[Any] = [cap, now, deadline, s.project_max_concurrency, s.dispatch_rpm, PRIORITY_SCALE, limit]
+        for run in started:
+            args += [run.run_id, run.attempt, run.runpod_id]
+        return args
+
+    async def _evalsha_all(self, calls: Sequence[tuple[AsyncScript, list[Any]]]) -> list[Any]:
+        """Run scripts in one pipeline by SHA; answers are results or the error of that call.
+
+        redis-py's own pipelined scripts cost a SCRIPT EXISTS round trip on every execute. Here a
+        script Redis no longer knows (it restarted) is loaded and only the calls it refused run again.
+        """
+        answers: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    script, args = calls[i]
+                    pipe.evalsha(script.sha, 0, *args)
+                results = await pipe.execute(raise_on_error=False)
+            for i, result in zip(todo, results, strict=True):
+                answers[i] = result
+            todo = [i for i in todo if isinstance(answers[i], NoScriptError)]
+            if not todo:
+                break
+            for script in {calls[i][0] for i in todo}:
+                await self.redis.script_load(script.script)
+        return answers
+
+    async def requeue(self, run_id: str, attempt: int, ready_at: float, *, new_attempt: bool, reason: str) -> int:
+        """Schedule a run again; returns the attempt it will run as (0 if it was not live)."""
+        return int(await self._requeue(args=[run_id, attempt, ready_at, int(new_attempt), reason]))
+
+    async def complete(self, completion: Completion) -> bool:
+        """Store a run's final outcome once; the last run of a job moves it to packaging."""
+        return bool(await self._complete(args=completion.args(time.time())))
+
+    async def run(self, run_id: str) -> RunRecord | None:
+        raw = await self.redis.hgetall(keys.run(run_id))
+        return RunRecord.model_validate(_present(raw)) if raw else None
+
+    async def run_slots(self, run_id: str, config: JobConfig) -> Sequence[int]:
+        """The image indices a run produces: planned runs by their index, redo runs as recorded."""
+        _, name = keys.split_run_id(run_id)
+        if name.isdigit():
+            return planning.run_slots(config, int(name), self.settings.run_size)
+        slots = await self.redis.hget(keys.run(run_id), "slots")
+        return [int(i) for i in (slots or "").split(",") if i]
+
+    async def overdue_runs(self, now: float, limit: int = 100) -> list[str]:
+        return list(await self.redis.zrangebyscore(keys.RUNNING, "-inf", now, start=0, num=limit))
+
+    async def postpone(self, run_id: str, deadline: float) -> None:
+        await self.redis.zadd(keys.RUNNING, {run_id: deadline}, xx=True)
+
+    # --- images ---
+
+    async def images(self, job_id: str) -> dict[int, ImageRecord]:
+        raw = await self.redis.hgetall(keys.job_images(job_id))
+        return {int(k): ImageRecord.model_validate_json(v) for k, v in raw.items()}
+
+    # --- queue figures for status views ---
+
+    async def queue_figures(self, job: JobRecord) -> "QueueFigures":
+        """Queue position, and the ETA split into waiting and running, from the queue and run times.
+
+        Runs ahead (queued jobs of every project with a lower score, plus runs in flight) and runs
+        left are spread over the cap at the observed average run time. One script call, whatever
+        the job's size: no per-image or per-run loops, and nothing per job ahead crosses the network.
+        """
+        if job.status not in (JobStatus.QUEUED, JobStatus.PROCESSING):
+            return NO_FIGURES
+        _, *figures = await self._queue_figures(args=[job.id, MAX_JOBS_AHEAD])
+        return self._figures(job, *figures)
+
+    async def status_for_project(self, project: str, job_id: str) -> "tuple[JobRecord, QueueFigures] | None":
+        """The job (None if it is not the project's) and its queue figures, read together in one call."""
+        values, *figures = await self._status(args=[job_id, MAX_JOBS_AHEAD])
+        job = _job_record(values)
+        if job is None or job.project != project:
+            return None
+        if job.status not in (JobStatus.QUEUED, JobStatus.PROCESSING):
+            return job, NO_FIGURES
+        return job, self._figures(job, *figures)
+
+    def _figures(self, job: JobRecord, score: Any, ahead: int, runs_ahead: int, avg: str | None) -> "QueueFigures":
+        position = ahead + 1 if job.status == JobStatus.QUEUED and score is not None else None
+        if avg is None:
+            return QueueFigures(position, None, None)
+        cap = self.settings.max_concurrency
+        if self.settings.project_max_concurrency:
+            cap = min(cap, self.settings.project_max_concurrency)
+        per_run = float(avg)
+        remaining = job.runs_total - job.runs_done
+        waiting = math.ceil(runs_ahead / cap) * per_run
+        running = math.ceil(remaining / cap) * per_run
+        return QueueFigures(position, round(waiting, 1), round(running, 1))
+
+
+def _claims(answer: list[Any]) -> Claims:
+    claimed, recorded = answer
+    runs = [(str(claimed[i]), int(claimed[i + 1])) for i in range(0, len(claimed), 2)]
+    return Claims(runs, [bool(flag) for flag in recorded])
+
+
+MAX_JOBS_AHEAD = 200  # per project: past that the position is "at least" this far back
+
+
+@dataclass(frozen=True, slots=True)
+class QueueFigures:
+    position: int | None
+    wait_seconds: float | None
+    run_seconds: float | None
+
+
+NO_FIGURES = QueueFigures(None, None, None)

@@ -1,0 +1,164 @@
+"""Every Redis key, stream and consumer-group name, and every object-storage key, in one place."""
+
+PREFIX = "bunch"
+
+# Streams (each read by one consumer group; every consumer is idempotent).
+JOBS_STREAM = f"{PREFIX}:jobs"  # gateway -> dispatcher: a job was accepted
+TASK_RESULTS_STREAM = f"{PREFIX}:task-results"  # gateway webhook / dispatcher poller -> dispatcher
+PACKAGING_STREAM = f"{PREFIX}:packaging"  # dispatcher -> packager: every run of a job is final
+EVENTS_STREAM = f"{PREFIX}:events"  # status and progress changes, for live views
+DEAD_LETTERS_STREAM = f"{PREFIX}:dead-letters"  # messages that failed max_deliveries times
+
+DOWNLOADS_STREAM = f"{PREFIX}:downloads"  # gateway -> packager: build a multi-group download ZIP
+NOTIFICATIONS_STREAM = f"{PREFIX}:notifications"  # a job with a webhook_url reached a final status
+CONTROL_STREAM = f"{PREFIX}:control"  # gateway -> dispatcher: cancel these RunPod runs
+
+DISPATCHER_GROUP = "dispatcher"
+PACKAGER_GROUP = "packager"
+NOTIFIER_GROUP = "notifier"
+
+# Every stream a consumer group reads, with its group (EVENTS_STREAM is read by SSE clients, not a group).
+CONSUMED_STREAMS = (
+    (JOBS_STREAM, DISPATCHER_GROUP),
+    (TASK_RESULTS_STREAM, DISPATCHER_GROUP),
+    (CONTROL_STREAM, DISPATCHER_GROUP),
+    (PACKAGING_STREAM, PACKAGER_GROUP),
+    (DOWNLOADS_STREAM, PACKAGER_GROUP),
+    (NOTIFICATIONS_STREAM, NOTIFIER_GROUP),
+)
+
+# Scheduling state. Queued jobs wait in one queue per project; the dispatcher picks the project
+# whose head job has the lowest priority, the least recently served first among equals.
+QUEUE_PROJECTS = f"{PREFIX}:queue:projects"  # set of projects that may have queued jobs
+RETRY_QUEUE = f"{PREFIX}:queue:retries"  # zset run_id -> time it may be started (retries, redos)
+RUNNING = f"{PREFIX}:running"  # zset run_id -> time its webhook is overdue (poll then)
+LAST_SERVED = f"{PREFIX}:queue:last-served"  # hash project -> serve counter (round robin)
+SERVE_SEQUENCE = f"{PREFIX}:seq:serve"
+JOB_SEQUENCE = f"{PREFIX}:seq:jobs"  # counter giving FIFO order among equal priorities
+DISPATCH_BUCKET = f"{PREFIX}:ratelimit:dispatch"  # hash: token bucket for BUNCH_DISPATCH_RPM
+RUN_SECONDS = f"{PREFIX}:stats:run-seconds"  # hash: moving average of run durations
+
+
+def project_queue(project: str) -> str:
+    """Zset of the project's jobs with runs left to start: job_id -> priority/FIFO score."""
+    return f"{PREFIX}:queue:project:{project}"
+
+
+def project_running(project: str) -> str:
+    """Zset of the project's runs in flight (a subset of RUNNING), for the per-project cap."""
+    return f"{PREFIX}:project:{project}:running"
+
+
+def project_paused(project: str) -> str:
+    return f"{PREFIX}:project:{project}:paused"
+
+
+def project_counts(project: str) -> str:
+    """Hash: job status -> number of the project's jobs in it."""
+    return f"{PREFIX}:project:{project}:counts"
+
+
+def project_hourly(project: str) -> str:
+    """Hash: '<hour>:<succeeded|failed|tokens>' -> count, hour = unix time // 3600."""
+    return f"{PREFIX}:project:{project}:hourly"
+
+
+def project_finished(project: str) -> str:
+    """Zset of the project's finished jobs by completion time (metrics)."""
+    return f"{PREFIX}:project:{project}:finished"
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_images(job_id: str) -> str:
+    """Hash: image index -> JSON outcome of that slot's latest attempt."""
+    return f"{PREFIX}:job:{job_id}:images"
+
+
+def group(group_id: str) -> str:
+    """Hash: id, name, project, created_at."""
+    return f"{PREFIX}:group:{group_id}"
+
+
+def group_jobs(group_id: str) -> str:
+    """Zset of the group's job ids by creation time."""
+    return f"{PREFIX}:group:{group_id}:jobs"
+
+
+def project_groups(project: str) -> str:
+    """Hash: group name -> group id."""
+    return f"{PREFIX}:project:{project}:groups"
+
+
+def dataset(dataset_id: str) -> str:
+    """Hash: id, project, count, created_at."""
+    return f"{PREFIX}:dataset:{dataset_id}"
+
+
+def dataset_inputs(dataset_id: str) -> str:
+    """List of the dataset's upload ids, in archive order."""
+    return f"{PREFIX}:dataset:{dataset_id}:inputs"
+
+
+def download(download_id: str) -> str:
+    """Hash: id, project, group_ids (JSON), status, zip_key, zip_bytes, error, created_at."""
+    return f"{PREFIX}:download:{download_id}"
+
+
+def run(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}"
+
+
+def project_jobs(project: str) -> str:
+    """Zset of a project's job ids by creation time (newest last)."""
+    return f"{PREFIX}:project:{project}:jobs"
+
+
+def upload(project: str, upload_id: str) -> str:
+    return f"{PREFIX}:project:{project}:upload:{upload_id}"
+
+
+def upload_holders(upload_id: str) -> str:
+    """Set of the upload's per-project record keys (one object, shared by every project that sent it)."""
+    return f"{PREFIX}:upload:{upload_id}:holders"
+
+
+def run_id(job_id: str, run_name: int | str) -> str:
+    """Planned runs are named by their index (job.7); redo runs by their order (job.r2)."""
+    return f"{job_id}.{run_name}"
+
+
+def split_run_id(value: str) -> tuple[str, str]:
+    job_id, _, name = value.rpartition(".")
+    return job_id, name
+
+
+# Object-storage keys.
+def upload_object(upload_id: str) -> str:
+    # Upload ids are the first 128 bits of the content's SHA-256: identical files are stored once.
+    return f"uploads/{upload_id}"
+
+
+def image_object(run_id: str, index: int, attempt: int) -> str:
+    # One object per run and attempt: a late duplicate execution never overwrites a newer result.
+    job_id, run_name = split_run_id(run_id)
+    return f"jobs/{job_id}/images/{index:06d}-{run_name}-a{attempt}"
+
+
+def zip_object(job_id: str) -> str:
+    return f"jobs/{job_id}/bunch-{job_id}.zip"
+
+
+def download_object(download_id: str) -> str:
+    return f"downloads/{download_id}/bunch-download-{download_id}.zip"
+
+
+# Downloads, datasets and retention (groups, datasets and downloads keys are above).
+DOWNLOADS_BY_TIME = f"{PREFIX}:downloads:by-time"  # zset download_id -> created_at, so old ones can be purged
+PURGING = f"{PREFIX}:retention:purging"  # set of job ids whose records are gone but objects may remain
+DATASETS_BY_USE = f"{PREFIX}:datasets:by-use"  # zset dataset_id -> last time a job named it (or creation)
+UPLOADS_BY_USE = f"{PREFIX}:uploads:by-use"  # zset upload_id -> last time it was sent or a job named it
+UPLOADS_PURGING = f"{PREFIX}:retention:purging-uploads"  # zset upload_id -> when its deletion was claimed
+ARQ_QUEUE = f"{PREFIX}:arq:queue"  # arq's queue (the packager's scheduled jobs)

@@ -1,0 +1,29 @@
+"""Run a service's loops until SIGTERM or SIGINT, then let each finish what it holds."""
+
+import asyncio
+import gc
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+
+async def run_until_signalled(loops: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(body(stop)) for body in loops]
+    # One loop crashing stops the others too: a half-working service must not look healthy.
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    stop.set()
+    await asyncio.gather(*tasks)
+
+
+def settle_garbage_collector() -> None:
+    """Call once a service has started. A request or a run allocates a few hundred containers and
+    frees nearly all of them by reference counting, so the default young-generation threshold (700)
+    ran a collection every few requests or runs, some 25 µs of CPU each time. What exists by now
+    (modules, routes, schemas: over 100,000 objects) lives as long as the process: frozen, full
+    collections no longer walk it."""
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)

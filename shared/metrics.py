@@ -1,0 +1,85 @@
+"""Prometheus metrics: what each process counts, and the queue figures read from Redis at scrape time.
+
+Counters and histograms measure this process's own work. Gauges of shared state (jobs by status,
+runs in flight, stream lag, dead letters) are read from Redis when scraped, so every replica reports
+the same truth and nothing needs to be kept in memory between scrapes.
+"""
+
+import logging
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from redis.asyncio import Redis
+
+from shared import keys
+from shared.models import JobStatus
+
+log = logging.getLogger(__name__)
+
+JOBS = Gauge("bunch_jobs", "Jobs by status, all projects", ["status"])
+RUNS_IN_FLIGHT = Gauge("bunch_runs_in_flight", "Runs started on RunPod and not final yet")
+RUNS_WAITING_RETRY = Gauge("bunch_runs_waiting_retry", "Runs waiting to be started again (retries, redos)")
+STREAM_LAG = Gauge("bunch_stream_lag", "Stream entries not yet read by the group", ["stream", "group"])
+STREAM_PENDING = Gauge("bunch_stream_pending", "Stream entries read but not acknowledged", ["stream", "group"])
+DEAD_LETTERS = Gauge("bunch_dead_letters", "Messages given up on after too many deliveries, waiting for a re-drive")
+
+DISPATCH_LATENCY = Histogram(
+    "bunch_dispatch_latency_seconds",
+    "From claiming a run to RunPod accepting it",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+RUNS_STARTED = Counter("bunch_runs_started_total", "Runs RunPod accepted")
+RUNPOD_ERRORS = Counter("bunch_runpod_errors_total", "RunPod failures by kind", ["kind"])
+GEMINI_ERRORS = Counter("bunch_gemini_errors_total", "Images that failed at Gemini, by reason", ["kind"])
+IMAGES = Counter("bunch_images_total", "Image outcomes recorded", ["status"])
+PACKAGING_BYTES = Counter("bunch_packaging_bytes_total", "Bytes of ZIPs written")
+PACKAGING_SECONDS = Histogram(
+    "bunch_packaging_seconds", "Time to build one job's ZIP", buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+)
+HTTP_REQUESTS = Counter("bunch_http_requests_total", "Gateway requests", ["method", "route", "status"])
+HTTP_LATENCY = Histogram(
+    "bunch_http_request_seconds", "Gateway request time", ["route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
+)
+
+
+async def refresh_shared_gauges(redis: Redis) -> None:
+    """Read the queue's shared figures from Redis into the gauges."""
+    totals = dict.fromkeys((s.value for s in JobStatus), 0)
+    async for key in redis.scan_iter(match=keys.project_counts("*"), count=500):
+        for status, count in (await redis.hgetall(key)).items():
+            if status in totals:
+                totals[status] += max(0, int(count))
+    for status, count in totals.items():
+        JOBS.labels(status).set(count)
+    RUNS_IN_FLIGHT.set(await redis.zcard(keys.RUNNING))
+    RUNS_WAITING_RETRY.set(await redis.zcard(keys.RETRY_QUEUE))
+    DEAD_LETTERS.set(await redis.xlen(keys.DEAD_LETTERS_STREAM))
+    for stream, group in keys.CONSUMED_STREAMS:
+        info: dict[str, Any] = {}
+        if await redis.exists(stream):
+            info = next((g for g in await redis.xinfo_groups(stream) if g["name"] == group), {})
+        STREAM_LAG.labels(stream, group).set(info.get("lag") or 0)
+        STREAM_PENDING.labels(stream, group).set(info.get("pending") or 0)
+
+
+async def render(redis: Redis) -> bytes:
+    try:
+        await refresh_shared_gauges(redis)
+    except Exception:  # a scrape must still show this process's own counters
+        log.exception("could not read the queue figures from Redis")
+    return generate_latest()
+
+
+async def serve(redis: Redis, port: int) -> web.AppRunner:
+    """A /metrics endpoint on its own port, for the processes without an HTTP API."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=await render(redis), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner

@@ -1,0 +1,124 @@
+"""Pydantic models and the status vocabulary shared by every service."""
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    PACKAGING = "packaging"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+FINAL_JOB_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED})
+
+
+class RunStatus(StrEnum):
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class ImageStatus(StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Mode(StrEnum):
+    SEMI_AUTO = "semi_auto"
+    AUTOMATIC = "automatic"
+
+
+Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000)]
+GroupName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+UploadId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+
+
+class GenerationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    aspect_ratio: Literal["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"] | None = None
+    image_size: Literal["1K", "2K", "4K"] | None = None
+
+
+WebhookUrl = Annotated[str, StringConstraints(strip_whitespace=True, max_length=2000, pattern=r"^https?://")]
+
+
+class SemiAutoJobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["semi_auto"]
+    group: GroupName = "default"
+    prompts: list[Prompt] = Field(min_length=1)
+    reference_ids: list[UploadId] = Field(default_factory=list)
+    images_per_prompt: int = Field(ge=1, le=10_000)
+    priority: int = Field(10, ge=0, le=1000)
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    webhook_url: WebhookUrl | None = None
+
+
+class AutomaticJobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["automatic"]
+    group: GroupName = "default"
+    base_prompt: Prompt
+    # Either the inputs themselves or a dataset; the gateway turns a dataset into its input ids.
+    input_ids: list[UploadId] = Field(default_factory=list)
+    dataset_id: str | None = Field(None, max_length=64)
+    variations_per_image: int = Field(1, ge=1, le=16)
+    priority: int = Field(10, ge=0, le=1000)
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    webhook_url: WebhookUrl | None = None
+
+    @model_validator(mode="after")
+    def _inputs_or_dataset(self) -> "AutomaticJobRequest":
+        if not self.input_ids and not self.dataset_id:
+            raise ValueError("give input_ids (uploaded images) or dataset_id (an uploaded dataset)")
+        return self
+
+
+JobRequest = Annotated[SemiAutoJobRequest | AutomaticJobRequest, Field(discriminator="mode")]
+
+
+# --- the RunPod payload: what the dispatcher sends and the worker reads (worker/handler.py) ---
+
+
+class WorkItem(BaseModel):
+    index: int
+    prompt: str
+    reference_urls: list[str]
+    output_url: str
+
+
+class RunInput(BaseModel):
+    task: Literal["semi_auto_generation", "automatic_generation"]
+    job_id: str
+    run_id: str
+    attempt: int
+    model: str
+    params: GenerationParams
+    items: list[WorkItem]
+
+
+class ImageOutcome(BaseModel):
+    """One image of a worker's result (RunPod `output.images[]`)."""
+
+    index: int
+    status: Literal["succeeded", "failed"]
+    error: str | None = None
+    detail: str | None = None
+    mime_type: str | None = None
+    bytes: int | None = None
+    crc32: int | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0

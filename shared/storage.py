@@ -1,0 +1,131 @@
+"""Object storage (MinIO or any S3) through the `minio` client.
+
+The minio client is blocking, so every call that touches the network runs in a worker thread.
+Presigning is computed locally (the region is fixed), against the public endpoint, by
+shared.presign where minio would address the endpoint path-style, by minio elsewhere.
+"""
+
+import asyncio
+import io
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from shared.presign import Presigner, path_style_endpoint
+from shared.settings import Settings
+
+
+def _client(endpoint_url: str, settings: Settings, http: urllib3.PoolManager | None = None) -> Minio:
+    parts = urlsplit(endpoint_url)
+    return Minio(
+        parts.netloc,
+        access_key=settings.s3_access_key.get_secret_value(),
+        secret_key=settings.s3_secret_key.get_secret_value(),
+        secure=parts.scheme == "https",
+        region=settings.s3_region,
+        http_client=http,
+    )
+
+
+class Storage:
+    def __init__(self, settings: Settings) -> None:
+        self.bucket = settings.s3_bucket
+        self.expiry = timedelta(seconds=settings.presign_expiry_seconds)
+        self.expiry_seconds = settings.presign_expiry_seconds
+        retries = urllib3.Retry(total=settings.s3_retries, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504))
+        timeout = urllib3.Timeout(connect=settings.s3_connect_timeout_seconds, read=settings.s3_read_timeout_seconds)
+        http = urllib3.PoolManager(num_pools=4, maxsize=32, retries=retries, timeout=timeout)
+        self.client = _client(settings.s3_endpoint, settings, http)
+        public = settings.s3_public_endpoint or settings.s3_endpoint
+        self.signer = _client(public, settings)
+        self.presigner: Presigner | None = None
+        if path_style_endpoint(public):
+            self.presigner = Presigner(
+                public,
+                settings.s3_region,
+                settings.s3_access_key.get_secret_value(),
+                settings.s3_secret_key.get_secret_value(),
+            )
+
+    # --- async, for request handlers and event loops ---
+
+    async def ensure_bucket(self) -> None:
+        def create() -> None:
+            if not self.client.bucket_exists(self.bucket):
+                try:
+                    self.client.make_bucket(self.bucket)
+                except S3Error as exc:  # another replica created it first
+                    if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                        raise
+
+        await asyncio.to_thread(create)
+
+    async def ping(self) -> bool:
+        try:
+            return await asyncio.to_thread(self.client.bucket_exists, self.bucket)
+        except Exception:
+            return False
+
+    async def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        await asyncio.to_thread(self.client.put_object, self.bucket, key, io.BytesIO(data), len(data), content_type)
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await asyncio.to_thread(self.client.stat_object, self.bucket, key)
+        except S3Error as exc:
+            if exc.code in {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}:
+                return False
+            raise
+        return True
+
+    async def get_bytes(self, key: str) -> bytes:
+        def read() -> bytes:
+            response = self.client.get_object(self.bucket, key)
+            try:
+                return response.read()
+            except BaseException:
+                response.close()
+                raise
+            finally:
+                response.release_conn()
+
+        return await asyncio.to_thread(read)
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self.client.remove_object, self.bucket, key)
+
+    def presigned_get(self, key: str, download_name: str | None = None) -> str:
+        headers: Any = None
+        if download_name:
+            headers = {"response-content-disposition": f'attachment; filename="{download_name}"'}
+        if self.presigner is not None:
+            return self.presigner.url("GET", self.bucket, key, self.expiry_seconds, headers)
+        return self.signer.presigned_get_object(self.bucket, key, expires=self.expiry, response_headers=headers)
+
+    def presigned_put(self, key: str) -> str:
+        if self.presigner is not None:
+            return self.presigner.url("PUT", self.bucket, key, self.expiry_seconds)
+        return self.signer.presigned_put_object(self.bucket, key, expires=self.expiry)
+
+    # --- blocking, for code that already runs in a thread (the packager's ZIP writer) ---
+
+    def iter_object(self, key: str, chunk_size: int = 256 * 1024) -> Iterator[bytes]:
+        response = self.client.get_object(self.bucket, key)
+        try:
+            yield from response.stream(chunk_size)
+        except BaseException:
+            response.close()  # left half-read: that connection cannot serve another request
+            raise
+        finally:
+            # Fully read, the connection goes back to the pool instead of a new TCP connect per object.
+            response.release_conn()
+
+    def put_stream(self, key: str, stream: BinaryIO, part_size: int, content_type: str) -> int:
+        """Multipart upload of a stream of unknown length; returns the bytes written."""
+        self.client.put_object(self.bucket, key, stream, -1, content_type, part_size=part_size)
+        return self.client.stat_object(self.bucket, key).size or 0

@@ -1,0 +1,60 @@
+"""Real infrastructure for the tests: a private redis-server and moto's S3 server, on free ports."""
+
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from deploy.processes import scratch_dir, start_redis, start_s3
+from shared.settings import Settings
+from shared.storage import Storage
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    path = scratch_dir("bunch-test-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_url(workdir: Path) -> Iterator[str]:
+    if url := os.environ.get("REDIS_URL"):
+        yield url
+        return
+    proc, url = start_redis(workdir)
+    yield url
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_url(workdir: Path) -> Iterator[str]:
+    proc, url = start_s3(workdir)
+    yield url
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(redis_url: str, s3_url: str) -> Settings:
+    return Settings(
+        redis_url=redis_url,
+        s3_endpoint=s3_url,
+        api_keys="test-key-a:project-a,test-key-b:project-b",
+    )
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = Redis.from_url(settings.redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+async def storage(settings: Settings) -> Storage:
+    store = Storage(settings)
+    await store.ensure_bucket()
+    return store

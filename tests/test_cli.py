@@ -1,0 +1,296 @@
+"""The `bunch` CLI against the real stack (gateway, dispatcher, packager, redis-server, S3, the
+emulators), run as a subprocess the way a person or a script runs it."""
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from bunch_cli import sse
+from bunch_cli.errors import ExitCode
+from deploy.processes import ROOT, free_port
+from deploy.stack import Stack
+from tests.stack_helpers import png_bytes, running_stack
+
+KEY = "cli-key"
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with running_stack(
+        "bunch-cli-",
+        api_keys=f"{KEY}:cli",
+        runpod_workers=8,
+        runpod_args=("--webhook-retry-delay", "0.2"),
+        service_env={
+            "BUNCH_MAX_CONCURRENCY": "5",
+            "BUNCH_WEBHOOK_GRACE_SECONDS": "3",
+            "BUNCH_POLL_INTERVAL_SECONDS": "0.5",
+            "BUNCH_RETRY_BACKOFF_SECONDS": "0.2",
+            "BUNCH_RETRY_BACKOFF_MAX_SECONDS": "1",
+        },
+    ) as stack:
+        yield stack
+
+
+def cli_env(url: str, api_key: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUNCH_")}
+    env["BUNCH_URL"] = url
+    if api_key is not None:
+        env["BUNCH_API_KEY"] = api_key
+    return env
+
+
+def bunch(url: str, *args: str, api_key: str | None = KEY, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bunch_cli.main", *args],
+        env=cli_env(url, api_key),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return result.stdout
+
+
+def images_in(path: Path) -> list[str]:
+    with zipfile.ZipFile(path) as archive:
+        names = sorted(name for name in archive.namelist() if name.endswith(".png"))
+        for name in names:
+            Image.open(io.BytesIO(archive.read(name))).verify()
+        assert "manifest.json" in archive.namelist()
+    return names
+
+
+def route_exists(stack: Stack, method: str, path: str) -> bool:
+    """Whether the running gateway has the route (an unknown route is a plain 404/405)."""
+    response = httpx.request(method, stack.gateway_url + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    return not (
+        response.status_code in (404, 405) and response.json().get("detail") in ("Not Found", "Method Not Allowed")
+    )
+
+
+def test_a_whole_job_from_submit_wait_to_download(stack: Stack, tmp_path: Path) -> None:
+    refs = []
+    for seed in (1, 2):
+        ref = tmp_path / f"ref{seed}.png"
+        ref.write_bytes(png_bytes(seed=seed))
+        refs += ["--ref", str(ref)]
+    submitted = bunch(
+        stack.gateway_url,
+        "submit",
+        "semi-auto",
+        "--group",
+        "cli-foxes",
+        "--prompt",
+        "a red fox in snow",
+        "--prompt",
+        "a lighthouse at dusk",
+        *refs,
+        "--images",
+        "5",
+        "--priority",
+        "5",
+        "--wait",
+    )
+    job_id = ok(submitted).strip()
+    assert JOB_ID.match(job_id), submitted.stdout
+    assert f"Job {job_id} completed: 10 of 10 images" in submitted.stderr, submitted.stderr
+
+    status = ok(bunch(stack.gateway_url, "status", job_id))
+    assert job_id in status and "completed" in status and "10 done, 0 failed, of 10" in status
+    view = json.loads(ok(bunch(stack.gateway_url, "status", job_id, "--json")))
+    assert view["status"] == "completed" and view["group"] == "cli-foxes" and view["priority"] == 5
+    assert view["progress"]["images_succeeded"] == 10 and view["progress"]["runs_total"] == 4
+
+    listing = ok(bunch(stack.gateway_url, "jobs"))
+    row = next(line for line in listing.splitlines() if job_id in line)
+    assert "completed" in row and "cli-foxes" in row and "10/10" in row
+    listed = json.loads(ok(bunch(stack.gateway_url, "jobs", "--group", "cli-foxes", "--json")))
+    assert [job["id"] for job in listed] == [job_id]
+
+    target = tmp_path / "out.zip"
+    downloaded = bunch(stack.gateway_url, "download", job_id, "-o", str(target))
+    ok(downloaded)
+    assert f"to {target}" in downloaded.stderr
+    assert images_in(target) == [f"{index:05d}.png" for index in range(10)]
+    assert not target.with_name("out.zip.part").exists()
+
+
+def test_cancel_ends_a_waiting_submit_with_exit_1_then_retry_and_watch(stack: Stack, tmp_path: Path) -> None:
+    waiting = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bunch_cli.main",
+            "submit",
+            "semi-auto",
+            "--prompt",
+            "[emu:sleep=400] a slow fox",
+            "--images",
+            "120",
+            "--wait",
+        ],
+        env=cli_env(stack.gateway_url, KEY),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert waiting.stdout is not None
+        job_id = waiting.stdout.readline().strip()
+        assert JOB_ID.match(job_id), job_id
+        canceled = ok(bunch(stack.gateway_url, "cancel", job_id))
+        assert f"Job {job_id}: canceled" in canceled
+        _, stderr = waiting.communicate(timeout=30)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == ExitCode.JOB_FAILED, stderr
+    assert f"Job {job_id} canceled" in stderr
+
+    again = bunch(stack.gateway_url, "cancel", job_id)
+    assert again.returncode == ExitCode.NOT_FOUND and "(HTTP 409)" in again.stderr, again.stderr
+
+    retried = bunch(stack.gateway_url, "retry", job_id)
+    new_id = ok(retried).strip()
+    assert JOB_ID.match(new_id), retried.stdout
+    target = tmp_path / "early.zip"
+    early = bunch(stack.gateway_url, "download", new_id, "-o", str(target))
+    assert early.returncode == ExitCode.NOT_FOUND and "not ready" in early.stderr, early.stderr
+    assert not target.exists() and not list(tmp_path.iterdir())
+    watched = bunch(stack.gateway_url, "watch", new_id)
+    ok(watched)
+    assert f"Job {new_id} completed" in watched.stderr, watched.stderr
+    assert json.loads(ok(bunch(stack.gateway_url, "status", new_id, "--json")))["status"] == "completed"
+
+    nothing_left = bunch(stack.gateway_url, "watch")
+    ok(nothing_left)
+    assert "No jobs in progress" in nothing_left.stderr
+
+
+def test_a_wrong_or_missing_key_exits_3_with_a_readable_message(stack: Stack) -> None:
+    wrong = bunch(stack.gateway_url, "jobs", api_key="not-a-key")
+    assert wrong.returncode == ExitCode.AUTH, wrong
+    assert "Authentication failed (401): Unknown API key." in wrong.stderr and "BUNCH_API_KEY" in wrong.stderr
+    assert "Traceback" not in wrong.stderr and wrong.stdout == ""
+    missing = bunch(stack.gateway_url, "status", "0" * 32, api_key=None)
+    assert missing.returncode == ExitCode.AUTH and "Missing API key" in missing.stderr, missing
+
+
+def test_a_server_that_is_down_exits_5_with_a_readable_message() -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for args in (("jobs",), ("status", "0" * 32), ("submit", "semi-auto", "--prompt", "x", "--images", "1")):
+        result = bunch(url, *args)
+        assert result.returncode == ExitCode.SERVER, (args, result)
+        assert f"Cannot reach the Bunch server at {url}" in result.stderr and "BUNCH_URL" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_unknown_jobs_exit_4_and_bad_input_exits_2(stack: Stack, tmp_path: Path) -> None:
+    unknown = bunch(stack.gateway_url, "status", "0" * 32)
+    assert unknown.returncode == ExitCode.NOT_FOUND and "No such job in this project." in unknown.stderr
+
+    missing_option = bunch(stack.gateway_url, "submit", "semi-auto", "--prompt", "x")
+    assert missing_option.returncode == ExitCode.USAGE and "--images" in missing_option.stderr
+    missing_file = bunch(stack.gateway_url, "submit", "semi-auto", "-p", "x", "-n", "1", "--ref", "nope.png")
+    assert missing_file.returncode == ExitCode.USAGE and "nope.png" in missing_file.stderr
+
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello, not a png")
+    refused = bunch(stack.gateway_url, "submit", "semi-auto", "-p", "x", "-n", "1", "--ref", str(not_image))
+    assert refused.returncode == ExitCode.USAGE, refused
+    assert "notes.png: the file is not an image (HTTP 415)" in refused.stderr
+    bad_param = bunch(stack.gateway_url, "submit", "semi-auto", "-p", "x", "-n", "1", "--aspect-ratio", "7:3")
+    assert bad_param.returncode == ExitCode.USAGE and "aspect_ratio" in bad_param.stderr, bad_param
+
+
+def test_submit_auto_uploads_a_folder_or_a_zip_as_a_dataset(stack: Stack, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = bunch(stack.gateway_url, "submit", "auto", "-p", "x", str(empty))
+    assert nothing.returncode == ExitCode.USAGE and "No images" in nothing.stderr, nothing
+
+    archive = tmp_path / "inputs.zip"
+    with zipfile.ZipFile(archive, "w") as out:
+        for index in range(3):
+            out.writestr(f"in{index}.png", png_bytes(32, 32, seed=20 + index))
+    from_zip = bunch(stack.gateway_url, "submit", "auto", "-p", "ink", str(archive))
+    zip_job = ok(from_zip).strip()
+    assert JOB_ID.match(zip_job) and "3 image(s) accepted, 0 rejected" in from_zip.stderr, from_zip.stderr
+
+    folder = tmp_path / "dataset"
+    (folder / "more").mkdir(parents=True)
+    for index in range(4):
+        (folder / f"img{index}.png").write_bytes(png_bytes(32, 32, seed=index))
+    (folder / "more" / "deep.png").write_bytes(png_bytes(32, 32, seed=9))
+    (folder / "broken.png").write_bytes(b"not an image at all")
+    (folder / "README.txt").write_text("left out: not an image name")
+    (folder / ".hidden.png").write_bytes(png_bytes(32, 32, seed=7))
+    submitted = bunch(
+        stack.gateway_url, "submit", "auto", "--group", "cli-dataset", "--prompt", "watercolor", str(folder),
+        "--variations", "2",
+    )  # fmt: skip
+    job_id = ok(submitted).strip()
+    assert JOB_ID.match(job_id), submitted.stdout
+    assert "5 image(s) accepted, 1 rejected" in submitted.stderr and "broken.png" in submitted.stderr
+
+    view = json.loads(ok(bunch(stack.gateway_url, "status", job_id, "--json")))
+    assert view["progress"]["images_total"] == 10 and view["group"] == "cli-dataset"
+    watched = bunch(stack.gateway_url, "watch", job_id, zip_job)
+    ok(watched)
+    assert f"Job {job_id} completed: 10 of 10 images" in watched.stderr, watched.stderr
+    assert f"Job {zip_job} completed: 3 of 3 images" in watched.stderr, watched.stderr
+    target = tmp_path / "dataset.zip"
+    ok(bunch(stack.gateway_url, "download", job_id, "-o", str(target)))
+    assert len(images_in(target)) == 10
+
+
+def test_stats_shows_the_queue(stack: Stack) -> None:
+    body = json.loads(ok(bunch(stack.gateway_url, "stats", "--json")))
+    assert body["queue"]["total_jobs"] >= 1 and "max_concurrency" in body["dispatcher"]
+    table = ok(bunch(stack.gateway_url, "stats"))
+    assert table.strip()
+
+
+def test_the_installed_entry_point_runs_from_anywhere(tmp_path: Path) -> None:
+    entry = Path(sys.executable).with_name("bunch")
+    assert entry.is_file(), "reinstall the project: pip install -e '.[dev]'"
+    started = time.monotonic()
+    result = subprocess.run([str(entry), "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.startswith("bunch "), result
+    assert time.monotonic() - started < 10
+
+
+def test_event_stream_parsing() -> None:
+    lines = [
+        ": keep-alive",
+        "id: 7",
+        "event: progress",
+        'data: {"status": "processing",',
+        'data:  "runs_done": 2}',
+        "",
+        "retry: 1000",
+        "",
+        "data: last",
+    ]
+    events = list(sse.parse(lines))
+    assert events == [
+        sse.Event("progress", '{"status": "processing",\n "runs_done": 2}', "7"),
+        sse.Event("message", "last", "7"),
+    ]

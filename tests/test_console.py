@@ -1,0 +1,191 @@
+"""The web console in a real browser (Debian's Chromium driven by Playwright) against the real stack."""
+
+import asyncio
+import io
+import os
+import shutil
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from deploy.processes import ROOT, scratch_dir
+from deploy.stack import Stack, start_stack
+from tests.stack_helpers import client, emulator, png_bytes
+
+CHROMIUM = "/usr/bin/chromium"
+KEY = "console-key"
+# Screenshots go to a scratch folder unless BUNCH_SCREENSHOTS names another (docs/screenshots).
+SHOTS = Path(os.environ.get("BUNCH_SCREENSHOTS", "")) if os.environ.get("BUNCH_SCREENSHOTS") else None
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"
+)
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    workdir = scratch_dir("bunch-console-")
+    stack = start_stack(workdir, api_keys=f"{KEY}:console", service_env={"BUNCH_MAX_CONCURRENCY": "4"})
+    yield stack
+    stack.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        yield browser
+        await browser.close()
+
+
+@pytest.fixture
+async def page(browser: Browser, stack: Stack) -> AsyncIterator[Page]:
+    context = await browser.new_context(
+        base_url=stack.gateway_url, accept_downloads=True, viewport={"width": 1280, "height": 900}
+    )
+    await context.add_init_script(f"localStorage.setItem('bunch.apiKey', '{KEY}')")
+    page = await context.new_page()
+    yield page
+    await context.close()
+
+
+async def screenshot(page: Page, name: str, tmp_path: Path) -> None:
+    folder = ROOT / SHOTS if SHOTS else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(folder / name), full_page=True)
+
+
+async def zip_of_download(page: Page, button: str) -> zipfile.ZipFile:
+    async with page.expect_download() as waiting:
+        await page.click(button)
+    download = await waiting.value
+    data = await asyncio.to_thread(Path(await download.path()).read_bytes)
+    return zipfile.ZipFile(io.BytesIO(data))
+
+
+async def test_semi_auto_page_submits_watches_cancels_retries_and_downloads(
+    page: Page, stack: Stack, tmp_path: Path
+) -> None:
+    refs = []
+    for seed in (1, 2):
+        path = tmp_path / f"ref{seed}.png"
+        path.write_bytes(png_bytes(48, 48, seed=seed))
+        refs.append(str(path))
+    await page.goto("/")
+    await page.fill("#new-group", "browser group")
+    await page.set_input_files("#references", refs)
+    await page.fill("#prompts", "a paper boat\na glass lighthouse")
+    await page.fill("#batch", "6")
+    await page.click("button[type=submit]")
+    await expect(page.locator("#semi-message")).to_have_text("1 job submitted.")
+    row = page.locator("#queue tbody tr").first
+    await expect(row.locator(".status")).to_have_text("completed", timeout=60_000)
+    await expect(row).to_contain_text("12/12")
+    archive = await zip_of_download(page, "#queue tbody tr >> nth=0 >> text=Download ZIP")
+    assert len([n for n in archive.namelist() if n.endswith(".png")]) == 12
+
+    await row.locator("text=Images").click()
+    await expect(page.locator("#job-thumbs .thumb img")).to_have_count(12)
+    await page.locator("#job-thumbs .redo-pick").nth(3).check()
+    await page.click("#redo")
+    await expect(page.locator("#job-message")).to_have_text("Redoing 1 image(s).")
+    await expect(row.locator(".status")).to_have_text("completed", timeout=60_000)
+
+    await emulator(stack, "gemini", "POST", "/_emulator/config", {"latency_ms": 400})
+    try:
+        await page.fill("#new-group", "")
+        await page.fill("#prompts", "slow and long")
+        await page.fill("#batch", "80")
+        await page.click("button[type=submit]")
+        await expect(row.locator(".status")).to_have_text("processing", timeout=30_000)
+        await row.locator("text=Cancel").click()
+        await expect(row.locator(".status")).to_have_text("canceled", timeout=30_000)
+    finally:
+        await emulator(stack, "gemini", "POST", "/_emulator/config", {"latency_ms": 0})
+
+    await page.fill("#prompts", "[emu:safety] never allowed")
+    await page.fill("#batch", "2")
+    await page.click("button[type=submit]")
+    await expect(row.locator(".status")).to_have_text("failed", timeout=60_000)
+    failed_id = await row.get_attribute("data-job")
+    await row.locator("text=Images").click()
+    await expect(page.locator("#job-thumbs .thumb.failed").first).to_contain_text("failed: safety_blocked")
+    await row.locator("text=Retry").click()
+    await expect(page.locator("#queue-message")).to_have_text("Retry submitted.")
+    async with client(stack, KEY) as api:
+        retried = (await api.get(f"/api/jobs/{failed_id}")).json()["retried_by"]
+    assert retried and await page.locator(f"tr[data-job='{retried}']").count() == 1
+    await screenshot(page, "semi_auto.png", tmp_path)
+
+
+async def test_automatic_page_uploads_a_dataset_and_shows_thumbnails_and_download(
+    page: Page, stack: Stack, tmp_path: Path
+) -> None:
+    dataset = tmp_path / "dataset.zip"
+    with zipfile.ZipFile(dataset, "w") as archive:
+        for n in range(5):
+            archive.writestr(f"photos/{n}.png", png_bytes(40, 40, seed=30 + n))
+        archive.writestr("photos/notes.txt", b"not an image")
+    await page.goto("/automatic")
+    await page.set_input_files("#dataset", str(dataset))
+    await page.fill("#base-prompt", "as a linocut print")
+    await page.fill("#variations", "2")
+    await page.click("button[type=submit]")
+    await expect(page.locator("#auto-message")).to_contain_text("5 image(s) accepted", timeout=30_000)
+    await expect(page.locator("#rejected")).to_contain_text("notes.txt")
+    await expect(page.locator("#upload-bar > span")).to_have_attribute("style", "width: 100%;")
+    await expect(page.locator("#download")).to_be_enabled(timeout=60_000)
+    await expect(page.locator("#thumbs .thumb img")).to_have_count(10)
+    await expect(page.locator("#job-counts")).to_contain_text("done 10")
+    archive = await zip_of_download(page, "#download")
+    assert len([n for n in archive.namelist() if n.endswith(".png")]) == 10
+    await screenshot(page, "automatic.png", tmp_path)
+
+
+async def test_groups_page_downloads_several_groups(page: Page, stack: Stack, tmp_path: Path) -> None:
+    async with client(stack, KEY) as api:
+        for group in ("north", "south"):
+            response = await api.post("/api/jobs", json={"mode": "semi_auto", "group": group, "prompts": [group],
+                                                        "images_per_prompt": 2})  # fmt: skip
+            assert response.status_code == 202
+        for _ in range(300):
+            jobs = (await api.get("/api/jobs", params={"limit": 2})).json()["jobs"]
+            if all(j["status"] == "completed" for j in jobs):
+                break
+            await page.wait_for_timeout(200)
+    await page.goto("/groups")
+    for name in ("north", "south"):
+        await page.locator("tr", has_text=name).locator(".group-pick").check()
+    await page.click("#download-groups")
+    link = page.locator("#download-link")
+    await expect(link).to_be_visible(timeout=30_000)
+    href = await link.get_attribute("href")
+    assert href
+    async with httpx.AsyncClient() as plain:
+        archive = zipfile.ZipFile(io.BytesIO((await plain.get(href)).content))
+    folders = {name.split("/")[0] for name in archive.namelist() if name.endswith(".png")}
+    assert folders == {"north", "south"}
+    await page.locator("tr", has_text="north").locator("text=View").click()
+    await expect(page.locator("#group-thumbs .thumb img")).to_have_count(2)
+    await screenshot(page, "groups.png", tmp_path)
+
+
+async def test_a_wrong_key_is_explained(browser: Browser, stack: Stack) -> None:
+    context = await browser.new_context(base_url=stack.gateway_url)
+    page = await context.new_page()
+    await page.goto("/")
+    await expect(page.locator("main")).to_contain_text("Enter your API key")
+    await page.fill("#api-key", "wrong")
+    await page.press("#api-key", "Enter")
+    await page.locator("#api-key").dispatch_event("change")
+    await expect(page.locator("#queue-message")).to_have_text("Unknown API key.")
+    await context.close()

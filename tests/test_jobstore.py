@@ -1,0 +1,289 @@
+"""The scheduling scripts against a real redis-server: caps, rate, pause, fairness, key names."""
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from shared import jobstore, keys, lua
+from shared.jobstore import Completion, ImageRecord, JobRecord, JobStore, MissingKeys, QueueFigures, StartedRun
+from shared.models import ImageStatus, JobStatus, RunStatus, SemiAutoJobRequest
+from shared.settings import Settings
+
+
+@pytest.fixture
+async def fresh_redis(redis_url: str) -> AsyncIterator[Redis]:
+    # A database of its own, emptied around each test, so other tests' data is never touched.
+    redis = Redis.from_url(redis_url.rsplit("/", 1)[0] + "/9", decode_responses=True)
+    await redis.flushdb()
+    yield redis
+    await redis.flushdb()
+    await redis.aclose()
+
+
+def store_with(redis: Redis, settings: Settings, **overrides: int) -> JobStore:
+    return JobStore(redis, settings.model_copy(update=overrides))
+
+
+def job(images: int, priority: int = 10) -> SemiAutoJobRequest:
+    return SemiAutoJobRequest(mode="semi_auto", prompts=["p"], images_per_prompt=images, priority=priority)
+
+
+async def test_lua_key_names_are_the_ones_shared_keys_builds(fresh_redis: Redis) -> None:
+    for name, builder in lua._KEY_FUNCTIONS.items():
+        script = lua.PRELUDE + f"return {name}(ARGV[1])"
+        assert await fresh_redis.eval(script, 0, "x1") == builder("x1"), name
+    for name, value in lua._CONSTANTS.items():
+        assert await fresh_redis.eval(lua.PRELUDE + f"return {name}", 0) == value
+
+
+async def test_create_stores_and_publishes_the_job_in_one_step(fresh_redis: Redis, settings: Settings) -> None:
+    store = store_with(fresh_redis, settings)
+    first = await store.create("p", job(8, priority=3))
+    # Text that JSON escapes or Lua could mangle travels unchanged.
+    config = SemiAutoJobRequest(
+        mode="semi_auto", prompts=['é 🦊 \\ "q" \n\t \x00 end'], images_per_prompt=5, priority=2, group="ü/🦊"
+    )
+    retry = await store.create("p", config, group_id="g1", retry_of=first.id)
+    assert retry.seq == first.seq + 1
+    stored = await fresh_redis.hgetall(keys.job(retry.id))
+    assert stored.pop("config") == config.model_dump_json()
+    assert stored["group"] == "ü/🦊"
+    assert stored == {k: str(v) for k, v in retry.model_dump(mode="json").items() if v is not None}
+    assert await store.get(retry.id) == retry
+    assert await fresh_redis.zscore(keys.project_jobs("p"), retry.id) == retry.created_at
+    assert await fresh_redis.zscore(keys.group_jobs("g1"), retry.id) == retry.created_at
+    assert await fresh_redis.zcard(keys.group_jobs(first.id)) == 0
+    assert await fresh_redis.hget(keys.job(first.id), "retried_by") == retry.id
+    assert await fresh_redis.hget(keys.job(first.id), "group_id") is None
+    assert await fresh_redis.hgetall(keys.project_counts("p")) == {"queued": "2"}
+    queue = await fresh_redis.zrange(keys.project_queue("p"), 0, -1, withscores=True)
+    assert queue == [(retry.id, 2 * 2**32 + retry.seq), (first.id, 3 * 2**32 + first.seq)]
+    assert await fresh_redis.smembers(keys.QUEUE_PROJECTS) == {"p"}
+    published = await fresh_redis.xrange(keys.JOBS_STREAM)
+    assert [fields for _, fields in published] == [{"job_id": first.id}, {"job_id": retry.id}]
+
+
+async def test_concurrent_claims_never_exceed_the_global_cap(fresh_redis: Redis, settings: Settings) -> None:
+    # Many claimers at once stand for many dispatcher replicas: the Lua claim is the only guard.
+    stores = [store_with(fresh_redis, settings, max_concurrency=4) for _ in range(10)]
+    await stores[0].create("p", job(400))
+    claims = await asyncio.gather(*(s.acquire(1000.0, 1030.0) for s in stores for _ in range(5)))
+    assert sum(1 for c in claims if c) == 4
+    assert await fresh_redis.zcard(keys.RUNNING) == 4
+
+
+async def test_project_cap_leaves_room_for_other_projects(fresh_redis: Redis, settings: Settings) -> None:
+    store = store_with(fresh_redis, settings, max_concurrency=10, project_max_concurrency=2)
+    big = await store.create("big", job(400))
+    small = await store.create("small", job(400))
+    claims = [await store.acquire(1000.0, 1030.0) for _ in range(6)]
+    started = [c[0].split(".")[0] for c in claims if c]
+    assert sorted(started) == sorted([big.id, big.id, small.id, small.id])
+
+
+async def test_dispatch_rate_is_limited(fresh_redis: Redis, settings: Settings) -> None:
+    store = store_with(fresh_redis, settings, max_concurrency=100, dispatch_rpm=60)
+    await store.create("p", job(400))
+    burst = [await store.acquire(1000.0, 1030.0) for _ in range(8)]
+    assert sum(1 for c in burst if c) == 5  # five seconds' worth at one a second
+    assert await store.acquire(1000.5, 1030.0) is None
+    assert await store.acquire(1001.2, 1030.0) is not None
+
+
+async def test_paused_project_starts_nothing(fresh_redis: Redis, settings: Settings) -> None:
+    store = store_with(fresh_redis, settings, max_concurrency=10)
+    await store.create("p", job(8))
+    await fresh_redis.set(keys.project_paused("p"), "1")
+    assert await store.acquire(1000.0, 1030.0) is None
+    await fresh_redis.delete(keys.project_paused("p"))
+    assert await store.acquire(1000.0, 1030.0) is not None
+
+
+async def test_equal_priorities_are_served_round_robin(fresh_redis: Redis, settings: Settings) -> None:
+    store = store_with(fresh_redis, settings, max_concurrency=100)
+    a = await store.create("a", job(40))
+    b = await store.create("b", job(40))
+    c = await store.create("c", job(40, priority=5))
+    order = []
+    for _ in range(12):
+        claim = await store.acquire(1000.0, 1030.0)
+        assert claim is not None
+        order.append(claim[0].split(".")[0])
+    assert order[:10] == [c.id] * 10  # a lower priority number first, whatever the project
+    assert order[10:] in ([a.id, b.id], [b.id, a.id])
+
+
+async def reference_queue_figures(store: JobStore, job: JobRecord, limit: int) -> QueueFigures:
+    """The queue figures as first written, one read at a time from Python: the semantics the
+    single-script version must keep."""
+    redis = store.redis
+    if job.status not in (JobStatus.QUEUED, JobStatus.PROCESSING):
+        return QueueFigures(None, None, None)
+    score = await redis.zscore(keys.project_queue(job.project), job.id)
+    avg = await redis.hget(keys.RUN_SECONDS, "avg")
+    in_flight = await redis.zcard(keys.RUNNING)
+    waiting_to_start = score is not None and job.runs_started == 0
+    ahead: list[str] = []
+    if waiting_to_start:
+        for project in await redis.smembers(keys.QUEUE_PROJECTS):
+            ahead += await redis.zrangebyscore(keys.project_queue(project), "-inf", f"({score}", start=0, num=limit)
+    position = len(ahead) + 1 if job.status == JobStatus.QUEUED and score is not None else None
+    if avg is None:
+        return QueueFigures(position, None, None)
+    runs_ahead = in_flight if waiting_to_start else 0
+    for other in ahead:
+        total, started = await redis.hmget(keys.job(other), "runs_total", "runs_started")
+        runs_ahead += int(total or 0) - int(started or 0)
+    cap = store.settings.max_concurrency
+    if store.settings.project_max_concurrency:
+        cap = min(cap, store.settings.project_max_concurrency)
+    per_run = float(avg)
+    waiting = math.ceil(runs_ahead / cap) * per_run
+    running = math.ceil((job.runs_total - job.runs_done) / cap) * per_run
+    return QueueFigures(position, round(waiting, 1), round(running, 1))
+
+
+async def test_queue_figures_match_the_reference_across_projects_and_priorities(
+    fresh_redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = store_with(fresh_redis, settings, max_concurrency=10, project_max_concurrency=4)
+    created = []
+    for n in range(15):
+        project = ("a", "b", "c")[n % 3]
+        created.append(await store.create(project, job(4 * (n % 4 + 1) * settings.run_size, priority=n // 3 % 3)))
+    for _ in range(5):  # some jobs start: in-flight runs, partly started jobs still queued
+        assert await store.acquire(1000.0, 1030.0) is not None
+    assert (await store.cancel(created[7].id))[0]
+    # A partly started job moved behind others, so a job ahead of some has runs_started > 0.
+    started = [j for j in await store.get_many([c.id for c in created]) if j.runs_started]
+    assert await store.set_priority(started[0].id, 2)
+
+    async def compare(limit: int) -> list[QueueFigures]:
+        monkeypatch.setattr(jobstore, "MAX_JOBS_AHEAD", limit)
+        figures = []
+        for record in await store.get_many([c.id for c in created]):
+            expected = await reference_queue_figures(store, record, limit)
+            assert await store.queue_figures(record) == expected, record.id
+            # The status route's single call: the same record and figures, and only for its project.
+            assert await store.status_for_project(record.project, record.id) == (record, expected)
+            assert await store.status_for_project("elsewhere", record.id) is None
+            figures.append(expected)
+        return figures
+
+    without_avg = await compare(200)
+    assert all(f.wait_seconds is None for f in without_avg)
+    assert None in {f.position for f in without_avg} and len({f.position for f in without_avg}) > 5
+    await fresh_redis.hset(keys.RUN_SECONDS, "avg", 7.5)
+    full = await compare(200)
+    capped = await compare(2)  # at most two jobs ahead counted per project
+    assert max(f.position or 0 for f in full) > max(f.position or 0 for f in capped) == 7
+    assert len({f.wait_seconds for f in full}) > 3
+    assert await store.status_for_project("a", "no-such-job") is None
+
+
+async def test_create_resolves_a_group_by_name_and_requires_its_uploads(fresh_redis: Redis, settings: Settings) -> None:
+    store = store_with(fresh_redis, settings)
+    uploads = [keys.upload("p", f"u{n}") for n in range(3)]
+    await fresh_redis.mset(dict.fromkeys(uploads[:2], "1"))
+    with pytest.raises(MissingKeys) as missing:
+        await store.create("p", job(4), group_name="birds", required=uploads)
+    assert missing.value.indices == [2]
+    # Nothing was written: no group, no job, no sequence number taken.
+    assert sorted(await fresh_redis.keys("bunch:*")) == uploads[:2]
+    first = await store.create("p", job(4), group_name="birds", required=uploads[:2])
+    second = await store.create("p", job(4), group_name="birds")
+    other = await store.create("q", job(4), group_name="birds")
+    assert first.group_id is not None and second.group_id == first.group_id != other.group_id
+    assert await fresh_redis.hgetall(keys.project_groups("p")) == {"birds": first.group_id}
+    group = await fresh_redis.hgetall(keys.group(first.group_id))
+    assert group == {"id": first.group_id, "name": "birds", "project": "p", "created_at": str(first.created_at)}
+    assert await fresh_redis.zrange(keys.group_jobs(first.group_id), 0, -1) == [first.id, second.id]
+    assert await store.get(second.id) == second
+    ungrouped = await store.create("p", job(4))
+    assert ungrouped.group_id is None and await fresh_redis.hget(keys.job(ungrouped.id), "group_id") is None
+
+
+async def test_a_batch_claim_takes_what_single_claims_would(fresh_redis: Redis, settings: Settings) -> None:
+    async def order(limit: int) -> list[str]:
+        await fresh_redis.flushdb()
+        store = store_with(fresh_redis, settings, max_concurrency=7, dispatch_rpm=60)
+        name = {}
+        for project, priority in (("a", 10), ("b", 10), ("c", 5), ("a", 5)):
+            name[(await store.create(project, job(12, priority=priority))).id] = f"{project}{priority}"
+        taken: list[str] = []
+        for now in (1000.0, 1003.0, 1100.0):
+            while True:  # as the dispatcher does: claim until a claim comes back short
+                batch = (await store.acquire_many(now, now + 30, limit)).runs
+                assert len(batch) <= limit
+                taken += [f"{name[run_id.split('.')[0]]}:{run_id.split('.')[1]}" for run_id, _ in batch]
+                if len(batch) < limit:
+                    break
+        return taken
+
+    singles, batched = await order(1), await order(4)
+    # A burst of 5 at first, 3 more tokens 3 s later, then the cap of 7 binds: 7 claims in all.
+    assert len(singles) == 7
+    assert batched == singles
+    assert sorted(singles[:2]) == ["a5:0", "c5:0"]  # priority 5 first, the two projects in turn
+
+
+async def test_a_batch_claim_stops_at_the_cap(fresh_redis: Redis, settings: Settings) -> None:
+    store = store_with(fresh_redis, settings, max_concurrency=6)
+    await store.create("p", job(400))
+    first = (await store.acquire_many(1000.0, 1030.0, 4)).runs
+    second = (await store.acquire_many(1000.0, 1030.0, 4)).runs
+    assert (len(first), len(second)) == (4, 2)
+    assert (await store.acquire_many(1000.0, 1030.0, 4)).runs == []
+    assert await fresh_redis.zcard(keys.RUNNING) == 6
+    assert len({run_id for run_id, _ in first + second}) == 6
+
+
+async def test_the_claim_call_records_runpod_ids_of_live_attempts_only(fresh_redis: Redis, settings: Settings) -> None:
+    store = store_with(fresh_redis, settings, max_concurrency=3)
+    await store.create("p", job(400))
+    (live, attempt), (stale, _), (gone, _) = (await store.acquire_many(1000.0, 1030.0, 3)).runs
+    await store.requeue(stale, 1, 1000.0, new_attempt=True, reason="retried meanwhile")
+    await fresh_redis.hset(keys.run(gone), "status", "canceled")
+    started = [StartedRun(live, attempt, "rp-live"), StartedRun(stale, 1, "rp-stale"), StartedRun(gone, 1, "rp-gone")]
+    claims = await store.acquire_many(1001.0, 1031.0, 4, started)
+    assert claims.recorded == [True, False, False]
+    assert [run_id for run_id, _ in claims.runs] == [stale]  # the retry, then the cap (3) is full
+    assert await fresh_redis.hget(keys.run(live), "runpod_id") == "rp-live"
+    assert await fresh_redis.hget(keys.run(stale), "runpod_id") == ""
+    assert await fresh_redis.hget(keys.run(gone), "runpod_id") == ""
+    assert (await store.acquire_many(1002.0, 1032.0, 0, [StartedRun(stale, 2, "rp-2")])).recorded == [True]
+    assert await fresh_redis.hget(keys.run(stale), "runpod_id") == "rp-2"
+
+
+async def test_a_pass_stores_outcomes_and_claims_in_one_call_even_after_a_script_flush(
+    fresh_redis: Redis, settings: Settings
+) -> None:
+    store = store_with(fresh_redis, settings, max_concurrency=2)
+    created = await store.create("p", job(12))  # 3 runs
+    (first, _), (second, _) = (await store.acquire_many(1000.0, 1030.0, 4)).runs
+    await fresh_redis.script_flush()  # as after a Redis restart: the scripts must be loaded again
+    image = ImageRecord(status=ImageStatus.SUCCEEDED, attempt=1, object_key="k", bytes=3, finished_at=1001.0)
+    outcome = Completion(first, 1, RunStatus.SUCCEEDED, {0: image})
+    stored, claims = await store.settle_and_claim([outcome, outcome], 1001.0, 1031.0, 4, [StartedRun(second, 1, "rp")])
+    assert stored == [True, False]  # the same outcome delivered twice is stored once
+    assert not isinstance(claims, Exception)
+    assert claims.recorded == [True]
+    assert [run_id for run_id, _ in claims.runs] == [f"{created.id}.2"]  # the freed slot, refilled
+    assert ImageRecord.model_validate_json(await fresh_redis.hget(keys.job_images(created.id), "0")) == image
+    assert await fresh_redis.hget(keys.job(created.id), "runs_done") == "1"
+
+
+async def test_a_run_whose_outcome_beat_its_start_answer_keeps_its_runpod_id(
+    fresh_redis: Redis, settings: Settings
+) -> None:
+    store = store_with(fresh_redis, settings, max_concurrency=1)
+    await store.create("p", job(4))
+    ((run_id, attempt),) = (await store.acquire_many(1000.0, 1030.0, 4)).runs
+    image = ImageRecord(status=ImageStatus.SUCCEEDED, attempt=1, object_key="k", finished_at=1001.0)
+    assert await store.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, {0: image}))
+    # The webhook came (and was stored) before /run's answer reached the dispatcher.
+    assert (await store.acquire_many(1002.0, 1032.0, 0, [StartedRun(run_id, attempt, "rp-fast")])).recorded == [True]
+    assert await fresh_redis.hget(keys.run(run_id), "runpod_id") == "rp-fast"
