@@ -189,3 +189,33 @@ async def test_a_wrong_key_is_explained(browser: Browser, stack: Stack) -> None:
     await page.locator("#api-key").dispatch_event("change")
     await expect(page.locator("#queue-message")).to_have_text("Unknown API key.")
     await context.close()
+
+
+async def test_a_refresh_asked_for_mid_flight_runs_again_after_it(page: Page) -> None:
+    """The pages re-read the API on every event; news that comes while a read is in flight must
+    cause one more read after it, or the page can end on an older answer (a finished job shown
+    as processing)."""
+    await page.goto("/")
+    reads = await page.evaluate(
+        """async () => {
+            let news = 0;
+            const reads = [], releases = [];
+            const refresh = coalesced(async () => {
+                const seen = news;
+                await new Promise((release) => releases.push(release));
+                reads.push(seen);
+            });
+            news = 1; const first = refresh();
+            news = 2; refresh();
+            news = 3; const last = refresh();
+            let settled = false;
+            Promise.all([first, last]).then(() => { settled = true; });
+            while (!settled) {
+                await new Promise((tick) => setTimeout(tick, 10));
+                releases.splice(0).forEach((release) => release());
+            }
+            return reads;
+        }"""
+    )
+    # One read for the first event, then one more that saw the latest news; none for each event.
+    assert reads == [1, 3]

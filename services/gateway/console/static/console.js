@@ -40,6 +40,26 @@ function upload(path, formData, onProgress) {
   });
 }
 
+// A refresh that is asked for while one is in flight runs once more when that one ends, so the last
+// refresh always starts after the last news and the page never ends on an older read. Dropping the
+// request instead (or running both at once, whose answers may land out of order) could leave a
+// finished job shown as still processing.
+function coalesced(task) {
+  let inFlight = null, again = false;
+  async function loop() {
+    do {
+      again = false;
+      try { await task(); } catch (err) { console.warn(err); }  // the next news tries again
+    } while (again);
+    inFlight = null;
+  }
+  return () => {
+    if (inFlight) again = true;
+    else inFlight = loop();
+    return inFlight;
+  };
+}
+
 // Server-Sent Events over fetch (EventSource cannot send the Authorization header).
 // Reconnects with Last-Event-ID, so no event still in the server's stream is missed.
 function follow(path, onEvent, { stopWhen = () => false } = {}) {
@@ -175,15 +195,11 @@ async function semiAutoPage() {
     $("#batch-hint").textContent = `${Math.ceil(n / 4)} run(s) of up to 4 images per prompt`;
   });
   await refreshQueue();
-  follow("/api/events", (type, data) => {
-    if (type === "snapshot") return;
-    updateRow(data);
-  });
+  // Every status or progress event re-reads the listing: it carries the ETA and ZIP link too.
+  follow("/api/events", (type) => { if (type !== "snapshot") refreshQueue(); });
 }
 
-const rows = new Map();
-
-async function refreshQueue() {
+const refreshQueue = coalesced(async () => {
   const body = $("#queue tbody");
   try {
     const listing = await api("/api/jobs?limit=100");
@@ -192,11 +208,10 @@ async function refreshQueue() {
   } catch (err) {
     showError($("#queue-message"), err);
   }
-}
+});
 
 function queueRow(job) {
   const row = el("tr", { "data-job": job.id });
-  rows.set(job.id, { row, job });
   fillRow(row, job);
   return row;
 }
@@ -219,14 +234,6 @@ function fillRow(row, job) {
     el("td", {}, eta(job.eta_seconds)),
     el("td", {}, actions),
   );
-}
-
-async function updateRow(event) {
-  const known = rows.get(event.job_id);
-  if (!known) { await refreshQueue(); return; }
-  // Progress comes with the event; the ZIP link and ETA come with a fresh status read.
-  const job = await api(`/api/jobs/${event.job_id}/status`).catch(() => null);
-  if (job) { known.job = job; fillRow(known.row, job); }
 }
 
 async function control(jobId, action) {
@@ -299,28 +306,21 @@ async function automaticPage() {
 function watchJob(jobId) {
   const panel = $("#progress-panel");
   panel.hidden = false;
-  let refreshing = false;
-  const refresh = async () => {
-    if (refreshing) return;
-    refreshing = true;
-    try {
-      const [status, results] = await Promise.all([api(`/api/jobs/${jobId}/status`), api(`/api/jobs/${jobId}/results`)]);
-      const p = status.progress;
-      $("#job-status").replaceChildren(el("span", { class: `status ${status.status}` }, status.status));
-      $("#job-bar").replaceChildren(progressBar(p));
-      $("#job-counts").innerHTML = "";
-      $("#job-counts").append(
-        el("span", {}, "done ", el("b", {}, `${p.images_succeeded}`)), el("span", {}, "failed ", el("b", {}, `${p.images_failed}`)),
-        el("span", {}, "total ", el("b", {}, `${p.images_total}`)), el("span", {}, "runs ", el("b", {}, `${p.runs_done}/${p.runs_total}`)),
-        el("span", {}, "ETA ", el("b", {}, eta(status.eta_seconds) || "–")));
-      $("#thumbs").replaceChildren(...thumbnails(results.images));
-      const download = $("#download");
-      download.disabled = !status.zip.ready;
-      download.onclick = () => { location.href = status.zip.url; };
-    } finally {
-      refreshing = false;
-    }
-  };
+  const refresh = coalesced(async () => {
+    const [status, results] = await Promise.all([api(`/api/jobs/${jobId}/status`), api(`/api/jobs/${jobId}/results`)]);
+    const p = status.progress;
+    $("#job-status").replaceChildren(el("span", { class: `status ${status.status}` }, status.status));
+    $("#job-bar").replaceChildren(progressBar(p));
+    $("#job-counts").innerHTML = "";
+    $("#job-counts").append(
+      el("span", {}, "done ", el("b", {}, `${p.images_succeeded}`)), el("span", {}, "failed ", el("b", {}, `${p.images_failed}`)),
+      el("span", {}, "total ", el("b", {}, `${p.images_total}`)), el("span", {}, "runs ", el("b", {}, `${p.runs_done}/${p.runs_total}`)),
+      el("span", {}, "ETA ", el("b", {}, eta(status.eta_seconds) || "–")));
+    $("#thumbs").replaceChildren(...thumbnails(results.images));
+    const download = $("#download");
+    download.disabled = !status.zip.ready;
+    download.onclick = () => { location.href = status.zip.url; };
+  });
   refresh();
   // Every event (progress, then the final status, which comes once the ZIP is written) re-reads
   // the job: counts, new thumbnails, and at the end the download link.
