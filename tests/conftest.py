@@ -2,15 +2,42 @@
 
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
 from deploy.processes import scratch_dir, start_redis, start_s3
+from deploy.stack import Stack
 from shared.settings import Settings
 from shared.storage import Storage
+
+LOG_TAIL_BYTES = 6_000
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test on a stack reports the end of each of its processes' logs: CI keeps a
+    failed run's output, and a stack's scratch folder is gone once its tests end."""
+    report = yield
+    if report.when == "call" and report.failed:
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, Stack):
+                for label, process in value.processes.items():
+                    report.sections.append((f"{label} log, last {LOG_TAIL_BYTES} bytes", _tail(process.log_path)))
+    return report
+
+
+def _tail(path: Path) -> str:
+    try:
+        with path.open("rb") as log:
+            log.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
+            return log.read().decode(errors="replace")
+    except OSError as exc:
+        return f"(unreadable: {exc})"
 
 
 @pytest.fixture(scope="session")
