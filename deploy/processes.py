@@ -93,15 +93,19 @@ def wait_http(url: str, process: Process | None = None, timeout: float = 30.0) -
     raise TimeoutError(f"{url} did not answer within {timeout}s\n{tail}")
 
 
-def wait_port(port: int, process: Process | None = None, timeout: float = 30.0) -> None:
+def wait_redis_ready(port: int, process: Process | None = None, timeout: float = 30.0) -> None:
+    """Until redis-server answers PING. Its port opens before it has read its AOF, and until then
+    every command is refused with LOADING: a restarted Redis is not back before that."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and not process.alive:
             raise RuntimeError(f"{process.name} exited early:\n{process.log_tail()}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+            conn.sendall(b"PING\r\n")
+            if conn.recv(64).startswith(b"+PONG"):
+                return
         time.sleep(0.05)
-    raise TimeoutError(f"port {port} did not open within {timeout}s")
+    raise TimeoutError(f"redis-server on port {port} was not ready within {timeout}s")
 
 
 def python(*args: str) -> list[str]:
@@ -135,7 +139,7 @@ def start_redis(workdir: Path, port: int | None = None, appendonly: bool = False
         "everysec",
     ]
     proc = Process("redis", args, base_env(), workdir / "redis.log").start()
-    wait_port(port, proc)
+    wait_redis_ready(port, proc)
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
