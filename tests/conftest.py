@@ -13,7 +13,7 @@ from deploy.stack import Stack
 from shared.settings import Settings
 from shared.storage import Storage
 
-LOG_TAIL_BYTES = 6_000
+LOG_TAIL_LINES = 60
 
 
 @pytest.hookimpl(wrapper=True)
@@ -27,17 +27,10 @@ def pytest_runtest_makereport(
         for value in getattr(item, "funcargs", {}).values():
             if isinstance(value, Stack):
                 for label, process in value.processes.items():
-                    report.sections.append((f"{label} log, last {LOG_TAIL_BYTES} bytes", _tail(process.log_path)))
+                    report.sections.append(
+                        (f"{label} log, last {LOG_TAIL_LINES} lines", process.log_tail(LOG_TAIL_LINES))
+                    )
     return report
-
-
-def _tail(path: Path) -> str:
-    try:
-        with path.open("rb") as log:
-            log.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
-            return log.read().decode(errors="replace")
-    except OSError as exc:
-        return f"(unreadable: {exc})"
 
 
 @pytest.fixture(scope="session")
