@@ -203,7 +203,7 @@ async def bunch_phase(stack: Stack, args: Any, report: Report) -> tuple[Timeline
 submit to the last job final), from utime+stime in /proc/<pid>/stat (10 ms ticks):
 {", ".join(f"{name} {used:.2f} s ({used / wall * 100:.0f} % of a core)" for name, used in cpu.items())}.
 Per run the dispatcher makes about four Redis round trips and one HTTP call: a claim call (Lua
-ACQUIRE: it records the RunPod ids of the runs started since the last call, then claims up to 16
+RECORD_STARTED_AND_CLAIM: it records the RunPod ids of the runs started since the last call, then claims up to 16
 runs), presigns 4 PUT links (shared/presign.py), POSTs /run, reads the webhook's task-result
 message (XREADGROUP, carrying the XACK of the previous batch), builds 4 ImageRecords and
 runs the COMPLETE Lua; it logs one JSON line per run. The gateway verifies the webhook token and
@@ -342,7 +342,7 @@ failed `missing_output` and every job ends `failed` (the packager finds no image
 measures runs, not images.
 
 - Bunch: {describe(bunch)}. Slot refill = emulator finished -> webhook -> gateway -> XADD ->
-  dispatcher COMPLETE -> ACQUIRE -> presign -> POST /run -> an emulator worker picks it up; of it,
+  dispatcher COMPLETE -> RECORD_STARTED_AND_CLAIM -> presign -> POST /run -> an emulator worker picks it up; of it,
   freed -> next *received* by RunPod: median {median(bunch.react or [0.0]) * 1000:.1f} ms. Every job
   final after {bunch_jobs:.2f} s.
 - (a) arq 0.28 worker as a user would write it (bench/arq_worker.py): max_jobs={args.workers},

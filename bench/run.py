@@ -12,13 +12,14 @@ import time
 
 from bench.common import RESULTS
 
-BENCHMARKS = ["dispatch", "packaging", "gateway", "scale", "e2e"]
+BENCHMARKS = ["dispatch", "packaging", "gateway", "scale", "e2e", "tenants"]
 QUICK = {
     "dispatch": ["--runs", "400", "--jobs", "4"],
     "packaging": ["--size-mb", "100", "--small-mb", "40", "--large-mb", "120", "--reps", "1"],
     "gateway": ["--duration", "3"],
     "scale": ["--inputs", "2000", "--jobs", "1", "--status-calls", "20"],
     "e2e": ["--images", "80", "--jobs", "2"],
+    "tenants": ["--quick"],
 }
 
 

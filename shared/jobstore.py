@@ -14,6 +14,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from shared import keys, lua, planning
+from shared.errors import Invalid, OverQuota
 from shared.models import ImageStatus, JobRequest, JobStatus, RunStatus
 from shared.planning import JobConfig
 from shared.settings import Settings
@@ -140,8 +141,11 @@ class JobStore:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self._acquire = redis.register_script(lua.ACQUIRE)
+        self._claim = redis.register_script(lua.RECORD_STARTED_AND_CLAIM)
         self._admit = redis.register_script(lua.ADMIT)
+        self._set_paused = redis.register_script(lua.SET_PAUSED)
+        self._set_weights = redis.register_script(lua.SET_WEIGHTS)
+        self._forget_run = redis.register_script(lua.FORGET_RUN)
         self._set_priority = redis.register_script(lua.SET_PRIORITY)
         self._requeue = redis.register_script(lua.REQUEUE)
         self._complete = redis.register_script(lua.COMPLETE)
@@ -168,7 +172,8 @@ class JobStore:
 
         The job goes in group `group_id`, or in the project's group named `group_name` (created if
         there is none). With `required` (distinct keys: its uploads), only if they all exist: else
-        MissingKeys with their indices, and nothing is written."""
+        MissingKeys with their indices, and nothing is written. Over an operator quota: OverQuota
+        (Invalid for a job larger than the quota itself), and nothing is written."""
         record = JobRecord(
             id=uuid.uuid4().hex,
             project=project,
@@ -182,6 +187,12 @@ class JobStore:
             retry_of=retry_of,
             webhook_url=config.webhook_url,
         )
+        max_live_images = self.settings.project_max_queued_images
+        if max_live_images and record.images_total > max_live_images:
+            raise Invalid(
+                f"The job asks for {record.images_total} images; this project may have at most "
+                f"{max_live_images} images queued or running at once. Split it into smaller jobs."
+            )
         fields = _present(record.model_dump(mode="json", exclude={"seq", "group_id"}))
         fields["config"] = config.model_dump_json()
         args: list[Any] = [record.id, project, record.created_at, record.priority, PRIORITY_SCALE]
@@ -189,9 +200,12 @@ class JobStore:
         # so text reaches Redis as the encoder would have sent it.
         values = json.dumps({name: str(value) for name, value in fields.items()}, ensure_ascii=False)
         args += [group_id or "", retry_of or "", values, group_name or "", uuid.uuid4().hex]
+        args += [record.images_total, max_live_images, self.settings.project_max_jobs_per_minute]
         created = await self._create(keys=list(required), args=args)
-        if not created[0]:
+        if created[0] == 0:
             raise MissingKeys([int(position) - 1 for position in created[1]])
+        if created[0] == 2:
+            raise self._over_quota(created[1:], record.images_total)
         record.seq = int(created[1])
         record.group_id = str(created[2]) or None
         return record
@@ -217,6 +231,32 @@ class JobStore:
             raise KeyError(job_id)
         return _config_adapter.validate_json(raw)
 
+    def _over_quota(self, answer: list[Any], images: int) -> OverQuota:
+        kind, retry_after = str(answer[0]), int(answer[1])
+        if kind == "jobs_per_minute":
+            limit = self.settings.project_max_jobs_per_minute
+            return OverQuota(f"This project may submit at most {limit} jobs per minute.", retry_after)
+        limit = self.settings.project_max_queued_images
+        return OverQuota(
+            f"This project may have at most {limit} images queued or running at once; it has {answer[2]} "
+            f"and this asks for {images} more. Try again when some have finished.",
+            retry_after,
+        )
+
+    async def set_paused(self, project: str, paused: bool) -> None:
+        """Paused: runs in flight finish, no new run of the project starts until resumed."""
+        await self._set_paused(args=[project, int(paused)])
+
+    async def paused(self, project: str) -> bool:
+        return bool(await self.redis.exists(keys.project_paused(project)))
+
+    async def set_weights(self, weights: dict[str, float]) -> None:
+        """The operator's fair-share weights (every other project weighs 1)."""
+        args: list[Any] = []
+        for project, weight in weights.items():
+            args += [project, weight]
+        await self._set_weights(args=args)
+
     async def admit(self, job_id: str) -> bool:
         """Put an accepted job in its project's queue (idempotent: a redelivery changes nothing)."""
         return bool(await self._admit(args=[job_id, PRIORITY_SCALE]))
@@ -237,17 +277,20 @@ class JobStore:
         return bool(done), str(detail)
 
     async def redo(self, job_id: str, indices: Sequence[int]) -> tuple[bool, str]:
-        """Queue redo runs of at most run_size images; (False, status) if the job is not finished."""
+        """Queue redo runs of at most run_size images; (False, status) if the job is not finished.
+        OverQuota if the project's live-images quota has no room for them (nothing changes)."""
         ordered = sorted(set(indices))
         first = await self.redis.hincrby(keys.job(job_id), "redo_runs", 0)
         size = self.settings.run_size
         chunks = [ordered[i : i + size] for i in range(0, len(ordered), size)]
         await self.redis.hincrby(keys.job(job_id), "redo_runs", len(chunks))
-        args: list[Any] = [job_id, time.time()]
+        args: list[Any] = [job_id, time.time(), self.settings.project_max_queued_images, len(ordered)]
         for n, chunk in enumerate(chunks, start=first):
             args += [keys.run_id(job_id, f"r{n}"), ",".join(map(str, chunk))]
-        done, detail = await self._redo(args=args)
-        return bool(done), str(detail)
+        answer = await self._redo(args=args)
+        if answer[0] == 2:
+            raise self._over_quota(answer[1:], len(ordered))
+        return bool(answer[0]), str(answer[1])
 
     # --- runs ---
 
@@ -259,7 +302,7 @@ class JobStore:
     async def acquire_many(self, now: float, deadline: float, limit: int, started: Sequence[StartedRun] = ()) -> Claims:
         """Record the RunPod ids of `started`, then claim up to `limit` runs, in the order single
         claims would take them (fewer than `limit`: no more can start now)."""
-        return _claims(await self._acquire(args=self._acquire_args(now, deadline, limit, started)))
+        return _claims(await self._claim(args=self._claim_args(now, deadline, limit, started)))
 
     async def settle_and_claim(
         self, completions: Sequence[Completion], now: float, deadline: float, limit: int, started: Sequence[StartedRun]
@@ -267,15 +310,15 @@ class JobStore:
         """A dispatcher pass in one round trip: COMPLETE each finished run (True: recorded now, not
         before), then acquire_many. Each part succeeds or fails on its own."""
         calls = [(self._complete, completion.args(now)) for completion in completions]
-        calls.append((self._acquire, self._acquire_args(now, deadline, limit, started)))
+        calls.append((self._claim, self._claim_args(now, deadline, limit, started)))
         *completed, claimed = await self._evalsha_all(calls)
         outcomes = [answer if isinstance(answer, Exception) else bool(answer) for answer in completed]
         return outcomes, claimed if isinstance(claimed, Exception) else _claims(claimed)
 
-    def _acquire_args(self, now: float, deadline: float, limit: int, started: Sequence[StartedRun]) -> list[Any]:
+    def _claim_args(self, now: float, deadline: float, limit: int, started: Sequence[StartedRun]) -> list[Any]:
         s = self.settings
         cap = s.max_concurrency + s.dispatch_prefetch
-        args: list[Any] = [cap, now, deadline, s.project_max_concurrency, s.dispatch_rpm, PRIORITY_SCALE, limit]
+        args: list[Any] = [cap, now, deadline, s.project_max_concurrency, s.dispatch_rpm, limit]
         for run in started:
             args += [run.run_id, run.attempt, run.runpod_id]
         return args
@@ -326,6 +369,10 @@ class JobStore:
     async def overdue_runs(self, now: float, limit: int = 100) -> list[str]:
         return list(await self.redis.zrangebyscore(keys.RUNNING, "-inf", now, start=0, num=limit))
 
+    async def forget_run(self, run_id: str, project: str) -> None:
+        """Drop a run's stray in-flight entries (its run was settled), freeing the slots it held."""
+        await self._forget_run(args=[run_id, project])
+
     async def postpone(self, run_id: str, deadline: float) -> None:
         await self.redis.zadd(keys.RUNNING, {run_id: deadline}, xx=True)
 
@@ -338,20 +385,22 @@ class JobStore:
     # --- queue figures for status views ---
 
     async def queue_figures(self, job: JobRecord) -> "QueueFigures":
-        """Queue position, and the ETA split into waiting and running, from the queue and run times.
+        """Queue position in the job's project, and the ETA split into waiting and running.
 
-        Runs ahead (queued jobs of every project with a lower score, plus runs in flight) and runs
-        left are spread over the cap at the observed average run time. One script call, whatever
-        the job's size: no per-image or per-run loops, and nothing per job ahead crosses the network.
-        """
+        Under fair share a job waits only for its own project's work: the runs ahead of it (the
+        project's runs in flight and due retries, and its jobs ahead at the project's average runs
+        left per queued job) and its own
+        runs left are spread over the project's share of the cap (its weight over the weight of all
+        projects with work, at most the per-project cap) at the observed average run time. One
+        script call, O(log n) in the jobs and projects queued."""
         if job.status not in (JobStatus.QUEUED, JobStatus.PROCESSING):
             return NO_FIGURES
-        _, *figures = await self._queue_figures(args=[job.id, MAX_JOBS_AHEAD])
+        _, *figures = await self._queue_figures(args=[job.id])
         return self._figures(job, *figures)
 
     async def status_for_project(self, project: str, job_id: str) -> "tuple[JobRecord, QueueFigures] | None":
         """The job (None if it is not the project's) and its queue figures, read together in one call."""
-        values, *figures = await self._status(args=[job_id, MAX_JOBS_AHEAD])
+        values, *figures = await self._status(args=[job_id])
         job = _job_record(values)
         if job is None or job.project != project:
             return None
@@ -359,11 +408,13 @@ class JobStore:
             return job, NO_FIGURES
         return job, self._figures(job, *figures)
 
-    def _figures(self, job: JobRecord, score: Any, ahead: int, runs_ahead: int, avg: str | None) -> "QueueFigures":
+    def _figures(
+        self, job: JobRecord, score: Any, ahead: int, runs_ahead: int, avg: str | None, share: str
+    ) -> "QueueFigures":
         position = ahead + 1 if job.status == JobStatus.QUEUED and score is not None else None
         if avg is None:
             return QueueFigures(position, None, None)
-        cap = self.settings.max_concurrency
+        cap = self.settings.max_concurrency * float(share)
         if self.settings.project_max_concurrency:
             cap = min(cap, self.settings.project_max_concurrency)
         per_run = float(avg)
@@ -377,9 +428,6 @@ def _claims(answer: list[Any]) -> Claims:
     claimed, recorded = answer
     runs = [(str(claimed[i]), int(claimed[i + 1])) for i in range(0, len(claimed), 2)]
     return Claims(runs, [bool(flag) for flag in recorded])
-
-
-MAX_JOBS_AHEAD = 200  # per project: past that the position is "at least" this far back
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,13 +27,17 @@ CONSUMED_STREAMS = (
     (NOTIFICATIONS_STREAM, NOTIFIER_GROUP),
 )
 
-# Scheduling state. Queued jobs wait in one queue per project; the dispatcher picks the project
-# whose head job has the lowest priority, the least recently served first among equals.
-QUEUE_PROJECTS = f"{PREFIX}:queue:projects"  # set of projects that may have queued jobs
+# Scheduling state. Queued jobs wait in one queue per project, ordered by priority; between
+# projects, capacity is shared by weight (fair share, see the claim script in shared/lua.py).
 RETRY_QUEUE = f"{PREFIX}:queue:retries"  # zset run_id -> time it may be started (retries, redos)
 RUNNING = f"{PREFIX}:running"  # zset run_id -> time its webhook is overdue (poll then)
-LAST_SERVED = f"{PREFIX}:queue:last-served"  # hash project -> serve counter (round robin)
-SERVE_SEQUENCE = f"{PREFIX}:seq:serve"
+READY = f"{PREFIX}:sched:ready"  # zset project -> pass: projects that may start a run now
+PASSES = f"{PREFIX}:sched:passes"  # hash project -> pass it left READY with (no credit for idle time)
+VIRTUAL_TIME = f"{PREFIX}:sched:vtime"  # the pass last served: where a project (re)joins READY
+WEIGHTS = f"{PREFIX}:sched:weights"  # hash project -> fair-share weight set by the operator (default 1)
+BACKLOG = f"{PREFIX}:sched:backlog"  # hash project -> weight, for every project with runs to start
+BACKLOG_WEIGHT = f"{PREFIX}:sched:backlog-weight"  # sum of BACKLOG's weights (a project's share, for ETAs)
+JOB_COUNTS = f"{PREFIX}:stats:jobs"  # hash job status -> jobs in it, all projects (metrics)
 JOB_SEQUENCE = f"{PREFIX}:seq:jobs"  # counter giving FIFO order among equal priorities
 DISPATCH_BUCKET = f"{PREFIX}:ratelimit:dispatch"  # hash: token bucket for BUNCH_DISPATCH_RPM
 RUN_SECONDS = f"{PREFIX}:stats:run-seconds"  # hash: moving average of run durations
@@ -47,6 +51,26 @@ def project_queue(project: str) -> str:
 def project_running(project: str) -> str:
     """Zset of the project's runs in flight (a subset of RUNNING), for the per-project cap."""
     return f"{PREFIX}:project:{project}:running"
+
+
+def project_retries(project: str) -> str:
+    """Zset of the project's runs due to start again (retries and redos whose time has come)."""
+    return f"{PREFIX}:project:{project}:retries"
+
+
+def project_runs_waiting(project: str) -> str:
+    """Runs left to start of the jobs in the project's queue (queue figures estimate from it)."""
+    return f"{PREFIX}:project:{project}:runs-waiting"
+
+
+def project_live_images(project: str) -> str:
+    """Images of the project's queued and processing jobs (the operator's quota bounds it)."""
+    return f"{PREFIX}:project:{project}:live-images"
+
+
+def project_submissions(project: str) -> str:
+    """Hash: token bucket of the project's job submissions per minute (the operator's quota)."""
+    return f"{PREFIX}:project:{project}:submissions"
 
 
 def project_paused(project: str) -> str:

@@ -29,6 +29,10 @@ _KEY_FUNCTIONS = {
     "project_hourly": keys.project_hourly,
     "project_finished": keys.project_finished,
     "project_jobs": keys.project_jobs,
+    "project_retries": keys.project_retries,
+    "project_runs_waiting": keys.project_runs_waiting,
+    "project_live_images": keys.project_live_images,
+    "project_submissions": keys.project_submissions,
     "group_jobs": keys.group_jobs,
     "group_key": keys.group,
     "project_groups": keys.project_groups,
@@ -36,9 +40,13 @@ _KEY_FUNCTIONS = {
 _CONSTANTS = {
     "RUNNING": keys.RUNNING,
     "RETRY": keys.RETRY_QUEUE,
-    "PROJECTS": keys.QUEUE_PROJECTS,
-    "LAST_SERVED": keys.LAST_SERVED,
-    "SERVE_SEQ": keys.SERVE_SEQUENCE,
+    "READY": keys.READY,
+    "PASSES": keys.PASSES,
+    "VTIME": keys.VIRTUAL_TIME,
+    "WEIGHTS": keys.WEIGHTS,
+    "BACKLOG": keys.BACKLOG,
+    "BACKLOG_WEIGHT": keys.BACKLOG_WEIGHT,
+    "JOB_COUNTS": keys.JOB_COUNTS,
     "BUCKET": keys.DISPATCH_BUCKET,
     "RUN_SECONDS": keys.RUN_SECONDS,
     "EVENTS": keys.EVENTS_STREAM,
@@ -57,6 +65,77 @@ PRELUDE = (
     + """
 local FINAL = {completed = true, failed = true, canceled = true}
 
+-- Token bucket in a hash: `rate` tokens a second up to `size`. Takes one and returns 0, or returns
+-- the seconds until one is there (nothing taken).
+local function take_token(bucket, rate, size, now)
+  local b = redis.call('HMGET', bucket, 'tokens', 'ts')
+  local tokens = tonumber(b[1] or size)
+  local elapsed = math.max(0, now - tonumber(b[2] or now))
+  tokens = math.min(size, tokens + elapsed * rate)
+  if tokens < 1 then
+    redis.call('HSET', bucket, 'tokens', tokens, 'ts', now)
+    return (1 - tokens) / rate
+  end
+  redis.call('HSET', bucket, 'tokens', tokens - 1, 'ts', now)
+  return 0
+end
+
+-- Fair share between projects (stride scheduling). A project that may start a run now sits in
+-- READY, scored by its pass; the claim serves the lowest pass and advances it by 1 / weight, so
+-- projects with work get runs in proportion to their weights whatever priorities they choose, and
+-- each claim costs O(log projects). A project (re)joins at the virtual time (the pass served
+-- last) or at the pass it left with, whichever is later: time spent idle, paused or at its own cap
+-- earns no credit to spend later.
+local function weight(project)
+  return tonumber(redis.call('HGET', WEIGHTS, project) or '1')
+end
+
+local function has_work(project)
+  return redis.call('ZCARD', project_retries(project)) > 0 or redis.call('ZCARD', project_queue(project)) > 0
+end
+
+-- Into READY if it has work and is not paused (its own cap is checked when it is served).
+local function wake(project)
+  if redis.call('ZSCORE', READY, project) then return end
+  if redis.call('EXISTS', project_paused(project)) == 1 or not has_work(project) then return end
+  local vtime = tonumber(redis.call('GET', VTIME) or '0')
+  local pass = tonumber(redis.call('HGET', PASSES, project) or '0')
+  redis.call('ZADD', READY, math.max(vtime, pass), project)
+end
+
+-- The project has runs to start: it counts in the backlog's weight (ETAs) and is woken.
+local function activate(project)
+  if redis.call('HEXISTS', BACKLOG, project) == 0 then
+    local w = weight(project)
+    redis.call('HSET', BACKLOG, project, w)
+    redis.call('INCRBYFLOAT', BACKLOG_WEIGHT, w)
+  end
+  wake(project)
+end
+
+-- Out of READY, keeping its pass; with no work left, out of the backlog too.
+local function set_aside(project, pass)
+  redis.call('ZREM', READY, project)
+  redis.call('HSET', PASSES, project, pass)
+  if not has_work(project) then
+    local w = redis.call('HGET', BACKLOG, project)
+    if w then
+      redis.call('HDEL', BACKLOG, project)
+      redis.call('INCRBYFLOAT', BACKLOG_WEIGHT, -tonumber(w))
+    end
+  end
+end
+
+-- The operator's bound on a project's images in queued and processing jobs: nil while `more` fits,
+-- else {2, 'images', seconds to retry after (one run's time: a finished run makes room), images now}.
+local function over_images_quota(project, more, quota)
+  if quota <= 0 then return nil end
+  local live = tonumber(redis.call('GET', project_live_images(project)) or '0')
+  if live + more <= quota then return nil end
+  local retry_after = math.ceil(tonumber(redis.call('HGET', RUN_SECONDS, 'avg') or '30'))
+  return {2, 'images', retry_after, live}
+end
+
 -- An event for live views (SSE), bounded in length.
 local function emit(job_id, kind)
   local j = redis.call('HMGET', job_key(job_id), 'project', 'status', 'images_total', 'images_succeeded',
@@ -67,16 +146,47 @@ local function emit(job_id, kind)
              'runs_total', j[6] or '0', 'runs_done', j[7] or '0')
 end
 
--- The one way a job's status changes: keeps the per-project counts, the finished index and the
--- user-webhook notifications in step with it.
+local LIVE = {queued = true, processing = true}
+
+-- Into or out of its project's queue (`score` given: into it), keeping the project's count of runs
+-- waiting to start in step. Returns whether the queue changed.
+local function enqueue(project, job_id, score)
+  local j = redis.call('HMGET', job_key(job_id), 'runs_total', 'runs_started')
+  local left = math.max(0, tonumber(j[1] or '0') - tonumber(j[2] or '0'))
+  if redis.call('ZADD', project_queue(project), 'NX', score, job_id) == 0 then return false end
+  redis.call('INCRBY', project_runs_waiting(project), left)
+  return true
+end
+
+local function dequeue(project, job_id)
+  local j = redis.call('HMGET', job_key(job_id), 'runs_total', 'runs_started')
+  local left = math.max(0, tonumber(j[1] or '0') - tonumber(j[2] or '0'))
+  if redis.call('ZREM', project_queue(project), job_id) == 0 then return false end
+  redis.call('DECRBY', project_runs_waiting(project), left)
+  return true
+end
+
+-- The one way a job's status changes: keeps the per-project and global counts, the live-images
+-- quota, the finished index and the user-webhook notifications in step with it.
 local function set_status(job_id, new, now)
   local key = job_key(job_id)
-  local j = redis.call('HMGET', key, 'status', 'project', 'webhook_url')
+  local j = redis.call('HMGET', key, 'status', 'project', 'webhook_url', 'redo_images', 'images_total')
   if j[1] == new then return end
   redis.call('HSET', key, 'status', new)
   local counts = project_counts(j[2])
-  if j[1] then redis.call('HINCRBY', counts, j[1], -1) end
+  if j[1] then
+    redis.call('HINCRBY', counts, j[1], -1)
+    redis.call('HINCRBY', JOB_COUNTS, j[1], -1)
+  end
   redis.call('HINCRBY', counts, new, 1)
+  redis.call('HINCRBY', JOB_COUNTS, new, 1)
+  -- A job counts all its images, a redone one only those redone.
+  local quota_images = tonumber(j[4] or j[5] or '0')
+  if LIVE[j[1]] and not LIVE[new] then
+    redis.call('DECRBY', project_live_images(j[2]), quota_images)
+  elseif LIVE[new] and not LIVE[j[1]] then
+    redis.call('INCRBY', project_live_images(j[2]), quota_images)
+  end
   if FINAL[new] then
     redis.call('HSET', key, 'completed_at', now)
     redis.call('ZADD', project_finished(j[2]), now, job_id)
@@ -88,9 +198,11 @@ local function set_status(job_id, new, now)
   emit(job_id, 'status')
 end
 
+-- A run is no longer in flight: its slot, and its project's, are free again.
 local function leave_running(run_id, project)
   redis.call('ZREM', RUNNING, run_id)
   redis.call('ZREM', project_running(project), run_id)
+  wake(project)
 end
 """
 )
@@ -101,21 +213,22 @@ def _script(body: str) -> str:
 
 
 # First record RunPod's ids for runs started since the last call (each only if that attempt is
-# still the run's own, not canceled or requeued), then take up to `limit` runs to start, one at a
+# still the run's own, not canceled or requeued), then claim up to `limit` runs to start, one at a
 # time, each only if the global cap, the project's cap, the pause switch and the dispatch rate
-# allow. Due retries and redos go first; then, among projects with queued jobs, the one whose head
-# job has the lowest priority, the least recently served first among equals. One call for both: a
-# round trip less per run.
+# allow. Retries and redos whose time has come move to their project's own retry queue first. Each
+# claim serves the project with the lowest pass in READY (fair share, above): its due retries
+# first, then the head of its queue (lowest priority number, first in first out among equals).
+# One call for both parts: a round trip less per run.
 # Returns {claimed run_id, attempt pairs, flat (fewer than `limit`: nothing more can start now),
 # a 1 or 0 per started run (0: no longer live, the caller stops it on RunPod)}.
-# ARGV: cap, now, deadline, project_cap (0 = none), rpm (0 = unlimited), priority_scale, limit,
+# ARGV: cap, now, deadline, project_cap (0 = none), rpm (0 = unlimited), limit,
 #       then run_id, attempt, runpod_id triples of the started runs
-ACQUIRE = _script("""
+RECORD_STARTED_AND_CLAIM = _script("""
 local cap, now, deadline = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local project_cap, rpm, scale = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local project_cap, rpm = tonumber(ARGV[4]), tonumber(ARGV[5])
 
 local recorded = {}
-for i = 8, #ARGV, 3 do
+for i = 7, #ARGV, 3 do
   local key = run_key(ARGV[i])
   local r = redis.call('HMGET', key, 'attempt', 'status')
   -- Also once that attempt's outcome is in (a fast run's webhook can beat /run's answer): the id
@@ -128,25 +241,20 @@ for i = 8, #ARGV, 3 do
   end
 end
 
+-- Bounded per call, so one call stays short for Redis; the rest move in the next.
+local due = redis.call('ZRANGEBYSCORE', RETRY, '-inf', now, 'WITHSCORES', 'LIMIT', 0, 100)
+for i = 1, #due, 2 do
+  redis.call('ZREM', RETRY, due[i])
+  local project = redis.call('HGET', run_key(due[i]), 'project')
+  if project then
+    redis.call('ZADD', project_retries(project), due[i + 1], due[i])
+    activate(project)
+  end
+end
+
 local function open(project)
   if redis.call('EXISTS', project_paused(project)) == 1 then return false end
   return project_cap <= 0 or redis.call('ZCARD', project_running(project)) < project_cap
-end
-
--- Token bucket: rpm/60 tokens a second, a burst of five seconds' worth.
-local function take_token()
-  if rpm <= 0 then return true end
-  local b = redis.call('HMGET', BUCKET, 'tokens', 'ts')
-  local size = math.max(1, rpm / 12)
-  local tokens = tonumber(b[1] or size)
-  local elapsed = math.max(0, now - tonumber(b[2] or now))
-  tokens = math.min(size, tokens + elapsed * rpm / 60)
-  if tokens < 1 then
-    redis.call('HSET', BUCKET, 'tokens', tokens, 'ts', now)
-    return false
-  end
-  redis.call('HSET', BUCKET, 'tokens', tokens - 1, 'ts', now)
-  return true
 end
 
 local function start(run_id, project)
@@ -159,66 +267,73 @@ end
 local function live_head(project)
   local queue = project_queue(project)
   for _ = 1, 100 do
-    local head = redis.call('ZRANGE', queue, 0, 0, 'WITHSCORES')
-    if not head[1] then return nil end
-    local j = redis.call('HMGET', job_key(head[1]), 'status', 'runs_total', 'runs_started')
-    if (j[1] == 'queued' or j[1] == 'processing') and tonumber(j[3] or '0') < tonumber(j[2] or '0') then
-      return head[1], tonumber(head[2])
-    end
-    redis.call('ZREM', queue, head[1])
+    local head = redis.call('ZRANGE', queue, 0, 0)[1]
+    if not head then return nil end
+    local j = redis.call('HMGET', job_key(head), 'status', 'runs_total', 'runs_started')
+    if LIVE[j[1]] and tonumber(j[3] or '0') < tonumber(j[2] or '0') then return head end
+    dequeue(project, head)
   end
   return nil
 end
 
+-- The project's next run, started: a due retry (`retry`), else the next planned run of `job_id`.
 -- `order` counts the claims of this call: jobs started in one call get started_at a microsecond
 -- apart, so that started_at still orders jobs as the scheduler took them.
-local function claim(order)
-  if redis.call('ZCARD', RUNNING) >= cap then return nil end
-  for _, run_id in ipairs(redis.call('ZRANGEBYSCORE', RETRY, '-inf', now, 'LIMIT', 0, 50)) do
-    local r = redis.call('HMGET', run_key(run_id), 'project', 'attempt')
-    if open(r[1]) then
-      if not take_token() then return nil end
-      redis.call('ZREM', RETRY, run_id)
-      start(run_id, r[1])
-      return {run_id, r[2]}
-    end
+local function start_next(project, retry, job_id, order)
+  if retry then
+    redis.call('ZREM', project_retries(project), retry)
+    start(retry, project)
+    return {retry, redis.call('HGET', run_key(retry), 'attempt')}
   end
-
-  local best, best_job, best_priority, best_served
-  for _, project in ipairs(redis.call('SMEMBERS', PROJECTS)) do
-    local job_id, score = live_head(project)
-    if not job_id then
-      redis.call('SREM', PROJECTS, project)
-    elseif open(project) then
-      local priority = math.floor(score / scale)
-      local served = tonumber(redis.call('HGET', LAST_SERVED, project) or '0')
-      if not best or priority < best_priority or (priority == best_priority and served < best_served) then
-        best, best_job, best_priority, best_served = project, job_id, priority, served
-      end
-    end
-  end
-  if not best then return nil end
-  if not take_token() then return nil end
-
-  local key = job_key(best_job)
+  local key = job_key(job_id)
   local j = redis.call('HMGET', key, 'status', 'runs_total', 'runs_started')
   local index = tonumber(j[3] or '0')
   redis.call('HSET', key, 'runs_started', index + 1)
-  if index + 1 >= tonumber(j[2]) then redis.call('ZREM', project_queue(best), best_job) end
-  redis.call('HSET', LAST_SERVED, best, redis.call('INCR', SERVE_SEQ))
+  redis.call('DECR', project_runs_waiting(project))
+  if index + 1 >= tonumber(j[2]) then redis.call('ZREM', project_queue(project), job_id) end
   if j[1] == 'queued' then
     -- Formatted here: Lua would print the number with 14 digits, 0.1 ms at today's epoch.
     redis.call('HSET', key, 'started_at', string.format('%.6f', now + order / 1e6))
-    set_status(best_job, 'processing', now)
+    set_status(job_id, 'processing', now)
   end
-  local run_id = best_job .. '.' .. index
-  redis.call('HSET', run_key(run_id), 'job_id', best_job, 'project', best, 'attempt', 1)
-  start(run_id, best)
+  local run_id = job_id .. '.' .. index
+  redis.call('HSET', run_key(run_id), 'job_id', job_id, 'project', project, 'attempt', 1)
+  start(run_id, project)
   return {run_id, '1'}
 end
 
+local function claim(order)
+  if redis.call('ZCARD', RUNNING) >= cap then return nil end
+  -- Projects found paused, at their cap or out of work leave READY as they are met (each is put
+  -- back by the change that lets it start again), so this loop is bounded by what it removes.
+  for _ = 1, 100 do
+    local head = redis.call('ZRANGE', READY, 0, 0, 'WITHSCORES')
+    if not head[1] then return nil end
+    local project, pass = head[1], tonumber(head[2])
+    local retry, job_id = nil, nil
+    if open(project) then
+      retry = redis.call('ZRANGE', project_retries(project), 0, 0)[1]
+      if not retry then job_id = live_head(project) end
+    end
+    if retry or job_id then
+      if rpm > 0 and take_token(BUCKET, rpm / 60, math.max(1, rpm / 12), now) > 0 then return nil end
+      local run = start_next(project, retry, job_id, order)
+      redis.call('SET', VTIME, pass)
+      local next_pass = pass + 1 / weight(project)
+      if has_work(project) and open(project) then
+        redis.call('ZADD', READY, next_pass, project)
+      else
+        set_aside(project, next_pass)
+      end
+      return run
+    end
+    set_aside(project, pass)
+  end
+  return nil
+end
+
 local claimed = {}
-for order = 0, tonumber(ARGV[7]) - 1 do
+for order = 0, tonumber(ARGV[6]) - 1 do
   local one = claim(order)
   if not one then break end
   claimed[#claimed + 1] = one[1]
@@ -233,9 +348,46 @@ ADMIT = _script("""
 local key = job_key(ARGV[1])
 local j = redis.call('HMGET', key, 'status', 'project', 'priority', 'seq', 'runs_total', 'runs_started')
 if j[1] ~= 'queued' or tonumber(j[6] or '0') >= tonumber(j[5] or '0') then return 0 end
-local score = tonumber(j[3]) * tonumber(ARGV[2]) + tonumber(j[4])
-redis.call('ZADD', project_queue(j[2]), 'NX', score, ARGV[1])
-redis.call('SADD', PROJECTS, j[2])
+enqueue(j[2], ARGV[1], tonumber(j[3]) * tonumber(ARGV[2]) + tonumber(j[4]))
+activate(j[2])
+return 1
+""")
+
+# Pause (ARGV[2] = 1) or resume (0) a project: running runs finish, no new one starts until resumed.
+# ARGV: project, paused
+SET_PAUSED = _script("""
+local project = ARGV[1]
+if ARGV[2] == '1' then
+  redis.call('SET', project_paused(project), '1')
+  local pass = redis.call('ZSCORE', READY, project)
+  if pass then set_aside(project, tonumber(pass)) end
+else
+  redis.call('DEL', project_paused(project))
+  wake(project)
+end
+return 1
+""")
+
+# The operator's fair-share weights replace the old ones; the backlog's total weight is summed anew.
+# ARGV: project, weight pairs
+SET_WEIGHTS = _script("""
+redis.call('DEL', WEIGHTS)
+for i = 1, #ARGV, 2 do redis.call('HSET', WEIGHTS, ARGV[i], ARGV[i + 1]) end
+local backlog = redis.call('HKEYS', BACKLOG)
+local total = 0
+for _, project in ipairs(backlog) do
+  local w = weight(project)
+  redis.call('HSET', BACKLOG, project, w)
+  total = total + w
+end
+redis.call('SET', BACKLOG_WEIGHT, total)
+return #backlog
+""")
+
+# A run index entry left behind by a script that settled the run: drop it, freeing its slot.
+# ARGV: run_id, project
+FORGET_RUN = _script("""
+leave_running(ARGV[1], ARGV[2])
 return 1
 """)
 
@@ -325,10 +477,10 @@ local job_id, now = ARGV[1], tonumber(ARGV[2])
 local key = job_key(job_id)
 local j = redis.call('HMGET', key, 'status', 'project', 'images_succeeded')
 if j[1] ~= 'queued' and j[1] ~= 'processing' then return {0, j[1] or ''} end
-redis.call('ZREM', project_queue(j[2]), job_id)
+dequeue(j[2], job_id)
 local prefix = job_id .. '.'
 local stopped = {}
-for _, run_id in ipairs(redis.call('ZRANGE', RUNNING, 0, -1)) do
+for _, run_id in ipairs(redis.call('ZRANGE', project_running(j[2]), 0, -1)) do
   if string.sub(run_id, 1, #prefix) == prefix then
     local runpod_id = redis.call('HGET', run_key(run_id), 'runpod_id')
     redis.call('HSET', run_key(run_id), 'status', 'canceled', 'finished_at', now)
@@ -336,10 +488,12 @@ for _, run_id in ipairs(redis.call('ZRANGE', RUNNING, 0, -1)) do
     if runpod_id and runpod_id ~= '' then table.insert(stopped, runpod_id) end
   end
 end
-for _, run_id in ipairs(redis.call('ZRANGE', RETRY, 0, -1)) do
-  if string.sub(run_id, 1, #prefix) == prefix then
-    redis.call('HSET', run_key(run_id), 'status', 'canceled', 'finished_at', now)
-    redis.call('ZREM', RETRY, run_id)
+for _, waiting in ipairs({RETRY, project_retries(j[2])}) do
+  for _, run_id in ipairs(redis.call('ZRANGE', waiting, 0, -1)) do
+    if string.sub(run_id, 1, #prefix) == prefix then
+      redis.call('HSET', run_key(run_id), 'status', 'canceled', 'finished_at', now)
+      redis.call('ZREM', waiting, run_id)
+    end
   end
 end
 redis.call('HSET', key, 'canceled_at', now)
@@ -351,14 +505,19 @@ return {1, #stopped}
 
 # Regenerate some images of a finished job in place: forget their outcomes, queue redo runs
 # (each with its slots), and reopen the job; its ZIP is rebuilt when they are done.
-# ARGV: job_id, now, then for each redo run: run_id, slots ("3,7"); indices to forget are the slots.
+# Over the project's live-images quota nothing changes: {2, 'images', retry after seconds}.
+# ARGV: job_id, now, max live images (0 = no quota), number of slots, then for each redo run:
+#       run_id, slots ("3,7"); indices to forget are the slots.
 REDO = _script("""
 local job_id, now = ARGV[1], tonumber(ARGV[2])
 local key = job_key(job_id)
 local j = redis.call('HMGET', key, 'status', 'project')
 if j[1] ~= 'completed' and j[1] ~= 'failed' then return {0, j[1] or ''} end
+local over = over_images_quota(j[2], tonumber(ARGV[4]), tonumber(ARGV[3]))
+if over then return over end
+redis.call('HSET', key, 'redo_images', ARGV[4])
 local succeeded, failed = 0, 0
-for i = 3, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   for index in string.gmatch(ARGV[i + 1], '%d+') do
     local old = redis.call('HGET', images_key(job_id), index)
     if old then
@@ -372,22 +531,25 @@ for i = 3, #ARGV, 2 do
 end
 redis.call('HINCRBY', key, 'images_succeeded', 0 - succeeded)  -- never -0: Redis refuses it
 redis.call('HINCRBY', key, 'images_failed', 0 - failed)
-redis.call('HINCRBY', key, 'runs_total', (#ARGV - 2) / 2)
+redis.call('HINCRBY', key, 'runs_total', (#ARGV - 4) / 2)
 redis.call('HDEL', key, 'zip_key', 'zip_bytes', 'error')
 set_status(job_id, 'processing', now)
-return {1, (#ARGV - 2) / 2}
+return {1, (#ARGV - 4) / 2}
 """)
 
 
 # A status view's queue figures in one round trip, read at one instant, and with them the job's
 # `fields` (so a status read is one call; written into the script, since sending two dozen names as
-# arguments costs the gateway more CPU than the rest of the call). Jobs ahead are those with a
-# lower score in any project's queue, at most ARGV[2] per project (past that the position is "at
-# least" that far back), counted only while the job has no run started. Their runs left to start
-# are summed only when an average run time exists: without one there is no ETA to compute.
-# ARGV: job_id, max jobs ahead per project
-# Returns {the fields' values, score or nil, jobs ahead, runs ahead (in flight + left of the jobs
-# ahead), average run seconds or nil}
+# arguments costs the gateway more CPU than the rest of the call). Under fair share a job waits only
+# for its own project's work, so every figure is the project's, and each costs O(log n) at most:
+# its jobs ahead (a rank), counted only while the job has no run started, and the runs ahead of it:
+# the project's runs in flight and due retries, plus its jobs ahead at the average runs left per
+# queued job (from the count of runs waiting the scripts keep). The project's share of the capacity
+# is its weight over the weight of every project with work. Runs are counted only when an average
+# run time exists: without one there is no ETA to compute.
+# ARGV: job_id
+# Returns {the fields' values, score or nil, jobs ahead, runs ahead, average run seconds or nil,
+# the project's share of the capacity (0 to 1) as a string}
 def queue_figures(fields: Sequence[str] = ()) -> str:
     if not all(re.fullmatch(r"\w+", name) for name in fields):
         raise ValueError(f"not plain field names: {fields}")
@@ -395,31 +557,28 @@ def queue_figures(fields: Sequence[str] = ()) -> str:
     return _script(
         f"local FIELDS = {{{names}}}\n"
         + """
-local job_id, limit = ARGV[1], tonumber(ARGV[2])
+local job_id = ARGV[1]
 local key = job_key(job_id)
 local record = {}
 if #FIELDS > 0 then record = redis.call('HMGET', key, unpack(FIELDS)) end
 local j = redis.call('HMGET', key, 'project', 'status', 'runs_started')
-if j[2] ~= 'queued' and j[2] ~= 'processing' then return {record, false, 0, 0, false} end
-local score = redis.call('ZSCORE', project_queue(j[1]), job_id)
+if not LIVE[j[2]] then return {record, false, 0, 0, false, '1'} end
+local project = j[1]
+local queue = project_queue(project)
+local score = redis.call('ZSCORE', queue, job_id)
 local avg = redis.call('HGET', RUN_SECONDS, 'avg')
 local ahead, runs = 0, 0
 if score and tonumber(j[3] or '0') == 0 then
-  runs = redis.call('ZCARD', RUNNING)
-  for _, other in ipairs(redis.call('SMEMBERS', PROJECTS)) do
-    local queue = project_queue(other)
-    local n = math.min(redis.call('ZCOUNT', queue, '-inf', '(' .. score), limit)
-    ahead = ahead + n
-    if avg and n > 0 then
-      -- The first n of the queue are the jobs ahead. SORT BY nosort keeps a sorted set's order and
-      -- reads their hash fields in C: with 100 jobs ahead, half the time of one HMGET per job from Lua.
-      local o = redis.call('SORT', queue, 'BY', 'nosort', 'LIMIT', 0, n,
-                           'GET', job_key('*') .. '->runs_total', 'GET', job_key('*') .. '->runs_started')
-      for i = 1, #o, 2 do runs = runs + (tonumber(o[i]) or 0) - (tonumber(o[i + 1]) or 0) end
-    end
+  ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. score)
+  if avg then
+    runs = redis.call('ZCARD', project_running(project)) + redis.call('ZCARD', project_retries(project))
+    local waiting = tonumber(redis.call('GET', project_runs_waiting(project)) or '0')
+    runs = runs + math.floor(ahead * waiting / redis.call('ZCARD', queue) + 0.5)
   end
 end
-return {record, score, ahead, runs, avg}
+local w = weight(project)
+local share = w / math.max(w, tonumber(redis.call('GET', BACKLOG_WEIGHT) or '0'))
+return {record, score, ahead, runs, avg, tostring(share)}
 """
     )
 
@@ -499,17 +658,28 @@ return {group_id == ARGV[2] and 1 or 0, group_id}
 # sequence number, its hash, the project's and group's indexes and counts, its place in the queue
 # (so the 202 answer's job already has one; the dispatchers' admit() is then a no-op) and the
 # stream message that wakes them.
+# Over one of the operator's quotas nothing is written either.
 # ARGV: job_id, project, created_at, priority, priority_scale, group_id or '', retry_of or '', the
 # job's fields as a JSON object of strings (one argument: redis-py packs each argument in Python, and
 # some forty of them cost the gateway more than decoding JSON costs Redis), a group name to resolve
-# (instead of a group_id) or '', the id for the group if it is new.
-# Returns {1, sequence number, group id or ''}, or {0, {1-based positions of the missing keys}}.
+# (instead of a group_id) or '', the id for the group if it is new, images of the job, max live
+# images of the project (0 = no quota), jobs per minute of the project (0 = no quota).
+# Returns {1, sequence number, group id or ''}, {0, {1-based positions of the missing keys}}, or
+# {2, 'images' or 'jobs_per_minute', seconds to retry after, images now (for 'images')}.
 CREATE = _script(
     GROUP_FUNCTIONS
     + """
 local job_id, project, created_at = ARGV[1], ARGV[2], ARGV[3]
+local images, per_minute = tonumber(ARGV[11]), tonumber(ARGV[13])
 local missing = missing_keys()
 if #missing > 0 then return {0, missing} end
+local over = over_images_quota(project, images, tonumber(ARGV[12]))
+if over then return over end
+if per_minute > 0 then
+  -- A burst of a minute's worth, then one every 60 / per_minute seconds.
+  local wait = take_token(project_submissions(project), per_minute / 60, per_minute, tonumber(created_at))
+  if wait > 0 then return {2, 'jobs_per_minute', math.ceil(wait)} end
+end
 mark_uploads_used(created_at)
 local group_id = ARGV[6]
 if ARGV[9] ~= '' then group_id = group_by_name(project, ARGV[9], ARGV[10], created_at) end
@@ -525,8 +695,10 @@ redis.call('ZADD', project_jobs(project), created_at, job_id)
 if group_id ~= '' then redis.call('ZADD', group_jobs(group_id), created_at, job_id) end
 if ARGV[7] ~= '' then redis.call('HSET', job_key(ARGV[7]), 'retried_by', job_id) end
 redis.call('HINCRBY', project_counts(project), 'queued', 1)
-redis.call('ZADD', project_queue(project), tonumber(ARGV[4]) * tonumber(ARGV[5]) + seq, job_id)
-redis.call('SADD', PROJECTS, project)
+redis.call('HINCRBY', JOB_COUNTS, 'queued', 1)
+redis.call('INCRBY', project_live_images(project), images)
+enqueue(project, job_id, tonumber(ARGV[4]) * tonumber(ARGV[5]) + seq)
+activate(project)
 redis.call('XADD', JOBS, '*', 'job_id', job_id)
 return {1, seq, group_id}
 """

@@ -45,13 +45,9 @@ HTTP_LATENCY = Histogram(
 
 async def refresh_shared_gauges(redis: Redis) -> None:
     """Read the queue's shared figures from Redis into the gauges."""
-    totals = dict.fromkeys((s.value for s in JobStatus), 0)
-    async for key in redis.scan_iter(match=keys.project_counts("*"), count=500):
-        for status, count in (await redis.hgetall(key)).items():
-            if status in totals:
-                totals[status] += max(0, int(count))
-    for status, count in totals.items():
-        JOBS.labels(status).set(count)
+    counts = await redis.hgetall(keys.JOB_COUNTS)
+    for status in JobStatus:
+        JOBS.labels(status.value).set(max(0, int(counts.get(status.value, 0))))
     RUNS_IN_FLIGHT.set(await redis.zcard(keys.RUNNING))
     RUNS_WAITING_RETRY.set(await redis.zcard(keys.RETRY_QUEUE))
     DEAD_LETTERS.set(await redis.xlen(keys.DEAD_LETTERS_STREAM))

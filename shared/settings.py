@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(5, ge=1)
     # Runs one project may have in flight at once (0: only the global cap applies).
     project_max_concurrency: int = Field(0, ge=0)
+    # Fair share between projects with work: "project:weight,..." (default weight 1). A project of
+    # weight 3 gets three runs for every one of a project of weight 1 while both have work.
+    project_weights: str = ""
+    # Operator quotas per project (0: none): images in queued and processing jobs at once, and jobs
+    # submitted per minute (a burst of a minute's worth, then evenly). Over them: 429, nothing stored.
+    project_max_queued_images: int = Field(0, ge=0)
+    project_max_jobs_per_minute: int = Field(0, ge=0)
     # Runs started per minute across all dispatchers (0: unlimited).
     dispatch_rpm: int = Field(0, ge=0)
     # Runs kept waiting in RunPod's own queue beyond the cap, so a freed worker starts the next run
@@ -133,6 +140,15 @@ class Settings(BaseSettings):
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
 
+    @field_validator("project_weights")
+    @classmethod
+    def _weights_parse(cls, value: str) -> str:
+        parse_weights(value)
+        return value
+
+    def weight_by_project(self) -> dict[str, float]:
+        return parse_weights(self.project_weights)
+
     def project_for_key(self) -> dict[str, str]:
         """Parse `BUNCH_API_KEYS` into {api_key: project}."""
         pairs: dict[str, str] = {}
@@ -141,6 +157,21 @@ class Settings(BaseSettings):
             if sep and key and project:
                 pairs[key] = project
         return pairs
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """ "pa:3,pb:0.5" -> {"pa": 3.0, "pb": 0.5}; a malformed entry or a weight <= 0 is an error."""
+    weights: dict[str, float] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        project, sep, value = entry.rpartition(":")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = 0.0
+        if not sep or not project or not 0 < weight <= 1000:
+            raise ValueError(f"project weight {entry!r}: expected project:weight with 0 < weight <= 1000")
+        weights[project] = weight
+    return weights
 
 
 @lru_cache

@@ -22,6 +22,7 @@ async def main() -> None:
     settings = get_settings()
     redis = connect(settings)
     store = JobStore(redis, settings)
+    await store.set_weights(settings.weight_by_project())
     storage = Storage(settings)
     wakeup = asyncio.Event()
     name = consumer_name(settings, "dispatcher")

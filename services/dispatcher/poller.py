@@ -44,9 +44,10 @@ class Poller:
         run = await self.store.run(run_id)
         if run is None or run.status != RunStatus.DISPATCHED:
             # Settled by a script that forgot nothing else; only a stray index entry is left.
-            await self.redis.zrem(keys.RUNNING, run_id)
-            if run is not None:
-                await self.redis.zrem(keys.project_running(run.project), run_id)
+            if run is None:
+                await self.redis.zrem(keys.RUNNING, run_id)
+            else:
+                await self.store.forget_run(run_id, run.project)
             return
         if not run.runpod_id:
             # Claimed but never confirmed started: its dispatcher died mid-call. A new attempt

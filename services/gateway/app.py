@@ -27,6 +27,7 @@ from services.gateway import (
 from services.gateway.deps import Services
 from services.gateway.http_errors import method_not_allowed
 from services.gateway.limits import BodyLimitMiddleware, body_limits
+from shared.errors import BunchError, OverQuota
 from shared.jobstore import JobStore
 from shared.lifecycle import settle_garbage_collector
 from shared.settings import Settings, get_settings
@@ -46,6 +47,12 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
     return JSONResponse({"detail": _readable(exc), "errors": errors}, status_code=422)
+
+
+async def _refused(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BunchError)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverQuota) else None
+    return JSONResponse({"detail": exc.message}, exc.status_code, headers=headers)
 
 
 async def _dependency_down(_: Request, exc: Exception) -> JSONResponse:
@@ -82,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(405, method_not_allowed)
+    app.add_exception_handler(BunchError, _refused)
     app.add_middleware(BodyLimitMiddleware, limits=body_limits(settings))
     for error in (MinioException, urllib3.exceptions.HTTPError, RedisConnectionError, RedisTimeoutError):
         app.add_exception_handler(error, _dependency_down)

@@ -110,15 +110,15 @@ class QueueMetrics(BaseModel):
 
 
 @router.post("/pause", response_model=PauseState)
-async def pause(project: ProjectDep, redis: RedisDep) -> PauseState:
+async def pause(project: ProjectDep, store: StoreDep) -> PauseState:
     """Running runs finish; no new run of this project starts until resumed."""
-    await redis.set(keys.project_paused(project), "1")
+    await store.set_paused(project, True)
     return PauseState(paused=True)
 
 
 @router.post("/resume", response_model=PauseState)
-async def resume(project: ProjectDep, redis: RedisDep) -> PauseState:
-    await redis.delete(keys.project_paused(project))
+async def resume(project: ProjectDep, store: StoreDep) -> PauseState:
+    await store.set_paused(project, False)
     return PauseState(paused=False)
 
 

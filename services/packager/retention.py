@@ -113,6 +113,7 @@ async def _purge_job(redis: Redis, storage: Storage, jobs_index: str, job_id: st
         pipe.zrem(keys.project_jobs(project), job_id)
         pipe.zrem(keys.project_finished(project), job_id)
         pipe.hincrby(keys.project_counts(project), str(fields["status"]), -1)
+        pipe.hincrby(keys.JOB_COUNTS, str(fields["status"]), -1)
         if fields["group_id"]:
             pipe.zrem(keys.group_jobs(fields["group_id"]), job_id)
         try:
