@@ -17,6 +17,7 @@ from shared import keys, lua, planning
 from shared.errors import Invalid, OverQuota
 from shared.models import ImageStatus, JobRequest, JobStatus, RunStatus
 from shared.planning import JobConfig
+from shared.redis_memory import MemoryGuard
 from shared.settings import Settings
 
 _config_adapter: TypeAdapter[JobConfig] = TypeAdapter(JobRequest)
@@ -141,6 +142,7 @@ class JobStore:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
+        self.memory = MemoryGuard(redis, settings.redis_memory_refuse_fraction)
         self._claim = redis.register_script(lua.RECORD_STARTED_AND_CLAIM)
         self._admit = redis.register_script(lua.ADMIT)
         self._set_paused = redis.register_script(lua.SET_PAUSED)
@@ -173,7 +175,7 @@ class JobStore:
         The job goes in group `group_id`, or in the project's group named `group_name` (created if
         there is none). With `required` (distinct keys: its uploads), only if they all exist: else
         MissingKeys with their indices, and nothing is written. Over an operator quota: OverQuota
-        (Invalid for a job larger than the quota itself), and nothing is written."""
+        (Invalid for a job larger than the quota itself); Redis short of memory: Unavailable."""
         record = JobRecord(
             id=uuid.uuid4().hex,
             project=project,
@@ -193,6 +195,7 @@ class JobStore:
                 f"The job asks for {record.images_total} images; this project may have at most "
                 f"{max_live_images} images queued or running at once. Split it into smaller jobs."
             )
+        await self.memory.check()
         fields = _present(record.model_dump(mode="json", exclude={"seq", "group_id"}))
         fields["config"] = config.model_dump_json()
         args: list[Any] = [record.id, project, record.created_at, record.priority, PRIORITY_SCALE]
@@ -279,6 +282,7 @@ class JobStore:
     async def redo(self, job_id: str, indices: Sequence[int]) -> tuple[bool, str]:
         """Queue redo runs of at most run_size images; (False, status) if the job is not finished.
         OverQuota if the project's live-images quota has no room for them (nothing changes)."""
+        await self.memory.check()
         ordered = sorted(set(indices))
         first = await self.redis.hincrby(keys.job(job_id), "redo_runs", 0)
         size = self.settings.run_size

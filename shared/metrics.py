@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from shared import keys
 from shared.models import JobStatus
+from shared.redis_memory import read_memory
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ RUNS_IN_FLIGHT = Gauge("bunch_runs_in_flight", "Runs started on RunPod and not f
 RUNS_WAITING_RETRY = Gauge("bunch_runs_waiting_retry", "Runs waiting to be started again (retries, redos)")
 STREAM_LAG = Gauge("bunch_stream_lag", "Stream entries not yet read by the group", ["stream", "group"])
 STREAM_PENDING = Gauge("bunch_stream_pending", "Stream entries read but not acknowledged", ["stream", "group"])
+REDIS_MEMORY = Gauge("bunch_redis_memory_bytes", "Redis memory: used, and its maxmemory limit (0: none)", ["kind"])
 DEAD_LETTERS = Gauge("bunch_dead_letters", "Messages given up on after too many deliveries, waiting for a re-drive")
 
 DISPATCH_LATENCY = Histogram(
@@ -51,6 +53,9 @@ async def refresh_shared_gauges(redis: Redis) -> None:
     RUNS_IN_FLIGHT.set(await redis.zcard(keys.RUNNING))
     RUNS_WAITING_RETRY.set(await redis.zcard(keys.RETRY_QUEUE))
     DEAD_LETTERS.set(await redis.xlen(keys.DEAD_LETTERS_STREAM))
+    memory = await read_memory(redis)
+    REDIS_MEMORY.labels("used").set(memory.used)
+    REDIS_MEMORY.labels("limit").set(memory.limit)
     for stream, group in keys.CONSUMED_STREAMS:
         info: dict[str, Any] = {}
         if await redis.exists(stream):

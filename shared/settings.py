@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     max_dataset_entries: int = Field(50_000, ge=1)  # entries of one dataset ZIP, directories included
     max_dataset_bytes: int = Field(20 * 1024**3, ge=1)  # uncompressed total of one dataset
 
+    # --- Redis memory ---
+    # New jobs (and redos) are refused with 503 while Redis uses more than this fraction of its
+    # maxmemory, so the work already accepted keeps room to finish (Redis runs with noeviction).
+    redis_memory_refuse_fraction: float = Field(0.9, gt=0, le=1)
+
     # --- reliability ---
     # A stream message held this long by a consumer that stopped working on it (dead, or its
     # handler failed) is claimed by another (XAUTOCLAIM); live long work keeps its claim fresh.

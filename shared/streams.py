@@ -2,7 +2,8 @@
 
 Each message is handled at least once: it is acknowledged only after its handler returned, and
 messages left pending by a consumer that died are claimed by another one (XAUTOCLAIM). Handlers
-are idempotent, so the effect of a message happens once.
+are idempotent, so the effect of a message happens once. What every group has acknowledged is
+trimmed away, so a stream holds only the messages still at work.
 """
 
 import asyncio
@@ -96,6 +97,7 @@ class StreamConsumer:
         # Far beyond a live consumer's idle time (one blocking read), so only the departed qualify.
         self.forget_idle_ms = forget_idle_ms or max(10 * claim_idle_ms, 300_000)
         self._forget_consumers = redis.register_script(lua.FORGET_CONSUMERS)
+        self._trim_acknowledged = redis.register_script(lua.TRIM_ACKNOWLEDGED)
         # Handled but not yet acknowledged: the XACK rides along with the next read. Until then a
         # crash only redelivers them, and handlers are idempotent.
         self._handled: list[str] = []
@@ -115,6 +117,7 @@ class StreamConsumer:
                 if loop.time() >= next_claim:
                     await self._claim_abandoned()
                     await self._forget_departed()
+                    await self._trim_acknowledged(keys=[self.stream])
                     next_claim = loop.time() + claim_every
                 for _stream, messages in await self._acknowledge_and_read() or []:
                     await self._handle_all(messages)

@@ -316,3 +316,10 @@ def test_secret_template_holds_no_real_secret() -> None:
     assert "data" not in secret  # stringData only: readable placeholders
     for key, value in secret["stringData"].items():
         assert "replace-me" in value, key
+
+
+def test_redis_has_a_memory_limit_and_never_evicts_state() -> None:
+    (k8s_redis,) = k8s_object("StatefulSet", "redis")["spec"]["template"]["spec"]["containers"]
+    for command in (compose()["services"]["redis"]["command"], k8s_redis["command"]):
+        assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+        assert command[command.index("--maxmemory") + 1]

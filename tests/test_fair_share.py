@@ -16,7 +16,7 @@ from tests.stack_helpers import client, emulator, redis_of, running_stack, submi
 CAP = 4
 MAX_QUEUED_IMAGES = 5000
 JOBS_PER_MINUTE = 6
-PROJECTS = ("hog", "victim", "heavy", "light", "quota")
+PROJECTS = ("hog", "victim", "heavy", "light", "quota", "memory")
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +145,28 @@ async def test_quota_refusals_are_429s_that_change_nothing(stack: Stack) -> None
     finally:
         await quota.post("/api/queue/cancel", json={})
         await quota.post("/api/queue/resume")
+
+
+async def test_new_jobs_are_refused_while_redis_is_short_of_memory(stack: Stack) -> None:
+    memory = api(stack, "memory")
+    async with redis_of(stack) as redis, httpx.AsyncClient(base_url=stack.gateway_url) as plain:
+        used = int((await redis.info("memory"))["used_memory"])
+        await redis.config_set("maxmemory", str(int(used / 0.95)))  # past the 90 % refuse fraction
+        try:
+            await asyncio.sleep(1.2)  # the gateway reads Redis's memory at most once a second
+            jobs_before = await redis.zcard(keys.project_jobs("memory"))
+            refused = await memory.post("/api/jobs", json=semi("no room", 1))
+            assert refused.status_code == 503, refused.text
+            assert "memory limit" in refused.json()["detail"]
+            assert await redis.zcard(keys.project_jobs("memory")) == jobs_before
+            ready = (await plain.get("/readyz")).json()
+            assert ready["status"] == "ready" and ready["redis_memory_pressure"] is True
+            assert ready["redis_memory_fraction"] >= 0.9
+            assert (await memory.get("/api/jobs")).status_code == 200  # reads go on
+        finally:
+            await redis.config_set("maxmemory", "0")
+        await asyncio.sleep(1.2)
+        ready = (await plain.get("/readyz")).json()
+        assert ready["redis_memory_pressure"] is False and ready["redis_memory_fraction"] is None
+        job = await submit(memory, semi("room again", 1))
+        assert (await memory.post(f"/api/jobs/{job}/cancel")).status_code == 200

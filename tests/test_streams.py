@@ -150,3 +150,42 @@ async def _handled(handled: list[Fields], expected: int) -> bool:
 
 async def _consumers(redis: Redis, expected: set[str]) -> bool:
     return {c["name"] for c in await redis.xinfo_consumers(STREAM, GROUP)} == expected
+
+
+async def test_trimming_keeps_every_entry_not_yet_read_or_acknowledged(private_redis: tuple[Redis, str]) -> None:
+    redis, _ = private_redis
+    await redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    ids = [await redis.xadd(STREAM, {"n": str(n)}) for n in range(1000)]
+    # A consumer that died holding entries 300-309, after the group was handed 0-599 and acked the rest.
+    await redis.xreadgroup(GROUP, "finished", {STREAM: ">"}, count=300)
+    await redis.xack(STREAM, GROUP, *ids[:300])
+    await redis.xreadgroup(GROUP, "died-holding-some", {STREAM: ">"}, count=10)
+    await redis.xreadgroup(GROUP, "finished", {STREAM: ">"}, count=290)
+    await redis.xack(STREAM, GROUP, *ids[310:600])
+    handled: list[Fields] = []
+
+    async def handle(fields: Fields) -> None:
+        handled.append(fields)
+
+    # The live consumer trims as it starts (and every claim period); a long claim time keeps the
+    # dead consumer's entries pending while the trim runs.
+    consumer = StreamConsumer(redis, STREAM, GROUP, "live", handle, claim_idle_ms=60_000, block_ms=50)
+    stop, task = await running(consumer)
+    await eventually(lambda: _handled_count(handled, 400))
+    stop.set()
+    await task
+    assert [int(f["n"]) for f in handled] == list(range(600, 1000))  # nothing unread was lost
+    remaining = [entry_id for entry_id, _ in await redis.xrange(STREAM)]
+    assert set(ids[300:310]) <= set(remaining)  # the dead consumer's entries wait to be claimed
+    assert len(remaining) < 1000 - 250  # most of what was acknowledged before them is gone
+    assert ids[0] not in remaining
+    pending = await redis.xpending(STREAM, GROUP)
+    assert pending["pending"] >= 10 and pending["min"] == ids[300]
+    # Once they are acknowledged too, everything up to the last handed out can go.
+    await redis.xack(STREAM, GROUP, *ids[300:310], *ids[600:])
+    await consumer._trim_acknowledged(keys=[STREAM])
+    assert len(await redis.xrange(STREAM)) < 200
+
+
+async def _handled_count(handled: list[Fields], count: int) -> bool:
+    return len(handled) >= count
