@@ -37,7 +37,14 @@ class BunchClient:
         headers = {"User-Agent": f"bunch-cli/{__version__}", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout, connect=5.0))
+        # Idle connections are let go before a server's usual 5 s keep-alive ends: reusing one the
+        # server is closing at that moment fails with "Server disconnected" (a race of HTTP/1.1).
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            limits=httpx.Limits(keepalive_expiry=2),
+        )
 
     def close(self) -> None:
         self._http.close()

@@ -31,7 +31,11 @@ def png_bytes(width: int = 64, height: int = 64, seed: int = 0, noise: bool = Fa
 
 
 def client(stack: Stack, api_key: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=stack.gateway_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+    # Idle connections are dropped well before the server's 5 s keep-alive ends: reusing one the
+    # server is closing at that moment fails with "Server disconnected" (a race of HTTP/1.1 itself).
+    limits = httpx.Limits(keepalive_expiry=2)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    return httpx.AsyncClient(base_url=stack.gateway_url, headers=headers, timeout=30, limits=limits)
 
 
 async def upload(api: httpx.AsyncClient, images: list[bytes]) -> list[str]:
