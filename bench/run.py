@@ -12,7 +12,7 @@ import time
 
 from bench.common import RESULTS
 
-BENCHMARKS = ["dispatch", "packaging", "gateway", "scale", "e2e", "tenants"]
+BENCHMARKS = ["dispatch", "packaging", "gateway", "scale", "e2e", "tenants", "memory"]
 QUICK = {
     "dispatch": ["--runs", "400", "--jobs", "4"],
     "packaging": ["--size-mb", "100", "--small-mb", "40", "--large-mb", "120", "--reps", "1"],
@@ -20,6 +20,7 @@ QUICK = {
     "scale": ["--inputs", "2000", "--jobs", "1", "--status-calls", "20"],
     "e2e": ["--images", "80", "--jobs", "2"],
     "tenants": ["--quick"],
+    "memory": ["--quick"],
 }
 
 

@@ -14,8 +14,9 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from shared import keys, lua, planning
+from shared.archive import ArchivedRecords, JobArchive
 from shared.errors import Invalid, OverQuota
-from shared.models import ImageStatus, JobRequest, JobStatus, RunStatus
+from shared.models import FINAL_JOB_STATUSES, ImageStatus, JobRequest, JobStatus, RunStatus
 from shared.planning import JobConfig
 from shared.redis_memory import MemoryGuard
 from shared.settings import Settings
@@ -100,7 +101,11 @@ def _job_record(values: Sequence[str | None]) -> JobRecord | None:
     """A JobRecord from the values of _JOB_FIELDS, in order (None when the job does not exist)."""
     if values[0] is None:
         return None
-    return JobRecord.model_validate(_present(dict(zip(_JOB_FIELDS, values, strict=True))))
+    fields = _present(dict(zip(_JOB_FIELDS, values, strict=True)))
+    if "zip_bytes" in fields and "zip_key" not in fields:
+        # Not stored: derived from the id, a value that long would cost the hash its compact encoding.
+        fields["zip_key"] = keys.zip_object(fields["id"])
+    return JobRecord.model_validate(fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +144,13 @@ class Claims:
 
 
 class JobStore:
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    """`archive` (object storage) holds finished jobs' config and image records once they left
+    Redis; without it (the dispatcher's, the tests'), an archived job's records read as gone."""
+
+    def __init__(self, redis: Redis, settings: Settings, archive: JobArchive | None = None) -> None:
         self.redis = redis
         self.settings = settings
+        self.archive = archive
         self.memory = MemoryGuard(redis, settings.redis_memory_refuse_fraction)
         self._claim = redis.register_script(lua.RECORD_STARTED_AND_CLAIM)
         self._admit = redis.register_script(lua.ADMIT)
@@ -154,6 +163,8 @@ class JobStore:
         self._transition = redis.register_script(lua.TRANSITION)
         self._cancel = redis.register_script(lua.CANCEL)
         self._redo = redis.register_script(lua.REDO)
+        self._archive = redis.register_script(lua.ARCHIVE)
+        self._restore = redis.register_script(lua.RESTORE)
         self._queue_figures = redis.register_script(lua.queue_figures())
         self._status = redis.register_script(lua.queue_figures(_JOB_FIELDS))
         self._create = redis.register_script(lua.CREATE)
@@ -229,7 +240,9 @@ class JobStore:
         return job if job is not None and job.project == project else None
 
     async def config(self, job_id: str) -> JobConfig:
-        raw = await self.redis.hget(keys.job(job_id), "config")
+        raw, archived = await self.redis.hmget(keys.job(job_id), "config", "archived")
+        if archived and self.archive is not None:
+            raw = (await self.archive.read(job_id)).config
         if raw is None:
             raise KeyError(job_id)
         return _config_adapter.validate_json(raw)
@@ -283,6 +296,8 @@ class JobStore:
         """Queue redo runs of at most run_size images; (False, status) if the job is not finished.
         OverQuota if the project's live-images quota has no room for them (nothing changes)."""
         await self.memory.check()
+        if await self.redis.hget(keys.job(job_id), "archived"):
+            await self.restore(job_id)
         ordered = sorted(set(indices))
         first = await self.redis.hincrby(keys.job(job_id), "redo_runs", 0)
         size = self.settings.run_size
@@ -292,9 +307,50 @@ class JobStore:
         for n, chunk in enumerate(chunks, start=first):
             args += [keys.run_id(job_id, f"r{n}"), ",".join(map(str, chunk))]
         answer = await self._redo(args=args)
+        if answer[0] == 3:  # archived again between the restore and the redo: once more
+            await self.restore(job_id)
+            answer = await self._redo(args=args)
         if answer[0] == 2:
             raise self._over_quota(answer[1:], len(ordered))
         return bool(answer[0]), str(answer[1])
+
+    # --- hot and cold ---
+
+    async def archive_job(self, job_id: str) -> bool:
+        """Move a final job's config and image records to its archive object, leaving its summary in
+        Redis, and unlink its run records; True if archived by this call (idempotent)."""
+        if self.archive is None:
+            raise RuntimeError("this JobStore has no archive")
+        key = keys.job(job_id)
+        status, archived, runs_total, redo_runs, config = await self.redis.hmget(
+            key, "status", "archived", "runs_total", "redo_runs", "config"
+        )
+        if archived or status is None or JobStatus(status) not in FINAL_JOB_STATUSES or config is None:
+            return False
+        images = await self.redis.hgetall(keys.job_images(job_id))
+        records = ArchivedRecords(job_id=job_id, config=config, images={int(k): v for k, v in images.items()})
+        await self.archive.write(records)
+        if not await self._archive(args=[job_id, runs_total]):
+            return False
+        redone = int(redo_runs or 0)
+        runs = [keys.run_id(job_id, n) for n in range(int(runs_total or 0) - redone)]
+        runs += [keys.run_id(job_id, f"r{n}") for n in range(redone)]
+        for start in range(0, len(runs), 1000):
+            await self.redis.unlink(*[keys.run(run_id) for run_id in runs[start : start + 1000]])
+        return True
+
+    async def restore(self, job_id: str) -> None:
+        """Bring an archived job's records back to Redis (before a redo reopens it)."""
+        if self.archive is None:
+            raise RuntimeError("this JobStore has no archive")
+        records = await self.archive.read(job_id)
+        items = list(records.images.items())
+        # In slices, so no single command holds Redis for long; nothing else writes a final job's images.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for start in range(0, len(items), 1000):
+                pipe.hset(keys.job_images(job_id), mapping=dict(items[start : start + 1000]))
+            await pipe.execute()
+        await self._restore(args=[job_id, records.config])
 
     # --- runs ---
 
@@ -383,8 +439,22 @@ class JobStore:
     # --- images ---
 
     async def images(self, job_id: str) -> dict[int, ImageRecord]:
-        raw = await self.redis.hgetall(keys.job_images(job_id))
-        return {int(k): ImageRecord.model_validate_json(v) for k, v in raw.items()}
+        return (await self.records(job_id))[1]
+
+    async def records(self, job_id: str) -> tuple[JobConfig, dict[int, ImageRecord]]:
+        """The job's config and image outcomes, from Redis or, once archived, from its archive
+        (one read of it). KeyError if the job is gone."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.job(job_id), "config", "archived")
+            pipe.hgetall(keys.job_images(job_id))
+            (config, archived), images = await pipe.execute()
+        if archived and self.archive is not None:  # a restore may be half-way: the archive is whole
+            archived_records = await self.archive.read(job_id)
+            config, images = archived_records.config, archived_records.images
+        if config is None:
+            raise KeyError(job_id)
+        records = {int(k): ImageRecord.model_validate_json(v) for k, v in images.items()}
+        return _config_adapter.validate_json(config), records
 
     # --- queue figures for status views ---
 

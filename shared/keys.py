@@ -83,13 +83,9 @@ def project_counts(project: str) -> str:
 
 
 def project_hourly(project: str) -> str:
-    """Hash: '<hour>:<succeeded|failed|tokens>' -> count, hour = unix time // 3600."""
+    """Hash: '<hour>:<kind>' -> figure, hour = unix time // 3600; kinds: succeeded, failed and tokens
+    (images), jobs (completed), seconds, min_seconds and max_seconds (their durations)."""
     return f"{PREFIX}:project:{project}:hourly"
-
-
-def project_finished(project: str) -> str:
-    """Zset of the project's finished jobs by completion time (metrics)."""
-    return f"{PREFIX}:project:{project}:finished"
 
 
 def job(job_id: str) -> str:
@@ -169,6 +165,11 @@ def image_object(run_id: str, index: int, attempt: int) -> str:
     # One object per run and attempt: a late duplicate execution never overwrites a newer result.
     job_id, run_name = split_run_id(run_id)
     return f"jobs/{job_id}/images/{index:06d}-{run_name}-a{attempt}"
+
+
+def archive_object(job_id: str) -> str:
+    """A finished job's config and image records, once they left Redis (shared/archive.py)."""
+    return f"jobs/{job_id}/archive.json.gz"
 
 
 def zip_object(job_id: str) -> str:

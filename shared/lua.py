@@ -27,7 +27,6 @@ _KEY_FUNCTIONS = {
     "project_paused": keys.project_paused,
     "project_counts": keys.project_counts,
     "project_hourly": keys.project_hourly,
-    "project_finished": keys.project_finished,
     "project_jobs": keys.project_jobs,
     "project_retries": keys.project_retries,
     "project_runs_waiting": keys.project_runs_waiting,
@@ -148,6 +147,18 @@ end
 
 local LIVE = {queued = true, processing = true}
 
+-- A job completed after `seconds`: the project's hourly figures count it, so its metrics read
+-- a few fields an hour, never the jobs themselves.
+local function count_completion(project, seconds, now)
+  local hourly, hour = project_hourly(project), math.floor(now / 3600)
+  redis.call('HINCRBY', hourly, hour .. ':jobs', 1)
+  redis.call('HINCRBYFLOAT', hourly, hour .. ':seconds', seconds)
+  local low = tonumber(redis.call('HGET', hourly, hour .. ':min_seconds') or '')
+  if not low or seconds < low then redis.call('HSET', hourly, hour .. ':min_seconds', seconds) end
+  local high = tonumber(redis.call('HGET', hourly, hour .. ':max_seconds') or '')
+  if not high or seconds > high then redis.call('HSET', hourly, hour .. ':max_seconds', seconds) end
+end
+
 -- Into or out of its project's queue (`score` given: into it), keeping the project's count of runs
 -- waiting to start in step. Returns whether the queue changed.
 local function enqueue(project, job_id, score)
@@ -170,7 +181,7 @@ end
 -- quota, the finished index and the user-webhook notifications in step with it.
 local function set_status(job_id, new, now)
   local key = job_key(job_id)
-  local j = redis.call('HMGET', key, 'status', 'project', 'webhook_url', 'redo_images', 'images_total')
+  local j = redis.call('HMGET', key, 'status', 'project', 'webhook_url', 'redo_images', 'images_total', 'created_at')
   if j[1] == new then return end
   redis.call('HSET', key, 'status', new)
   local counts = project_counts(j[2])
@@ -189,11 +200,10 @@ local function set_status(job_id, new, now)
   end
   if FINAL[new] then
     redis.call('HSET', key, 'completed_at', now)
-    redis.call('ZADD', project_finished(j[2]), now, job_id)
+    if new == 'completed' then count_completion(j[2], now - tonumber(j[6] or now), now) end
     if j[3] and j[3] ~= '' then redis.call('XADD', NOTIFY, '*', 'job_id', job_id) end
   elseif FINAL[j[1]] then
     redis.call('HDEL', key, 'completed_at')
-    redis.call('ZREM', project_finished(j[2]), job_id)
   end
   emit(job_id, 'status')
 end
@@ -475,7 +485,7 @@ return 1
 CANCEL = _script("""
 local job_id, now = ARGV[1], tonumber(ARGV[2])
 local key = job_key(job_id)
-local j = redis.call('HMGET', key, 'status', 'project', 'images_succeeded')
+local j = redis.call('HMGET', key, 'status', 'project')
 if j[1] ~= 'queued' and j[1] ~= 'processing' then return {0, j[1] or ''} end
 dequeue(j[2], job_id)
 local prefix = job_id .. '.'
@@ -499,20 +509,52 @@ end
 redis.call('HSET', key, 'canceled_at', now)
 set_status(job_id, 'canceled', now)
 if #stopped > 0 then redis.call('XADD', CONTROL, '*', 'action', 'cancel', 'runpod_ids', cjson.encode(stopped)) end
-if tonumber(j[3] or '0') > 0 then redis.call('XADD', PACKAGING, '*', 'job_id', job_id) end
+-- The packager builds the ZIP of what succeeded, if anything did, and archives the job.
+redis.call('XADD', PACKAGING, '*', 'job_id', job_id)
 return {1, #stopped}
+""")
+
+# A final job's records leave Redis once they are in its archive object: its config field and its
+# images hash (UNLINK: freed off the main thread, whatever its size). Its summary hash stays, marked
+# archived; its run records are unlinked by the caller in batches (they expire anyway). A job changed
+# since the caller read what it archived (a redo adds runs) is left as it is.
+# ARGV: job_id, the runs_total the archive was read at. Returns 1 if archived now.
+ARCHIVE = _script("""
+local key = job_key(ARGV[1])
+local j = redis.call('HMGET', key, 'status', 'archived', 'runs_total')
+if not FINAL[j[1]] or j[2] or j[3] ~= ARGV[2] then return 0 end
+redis.call('HDEL', key, 'config')
+redis.call('UNLINK', images_key(ARGV[1]))
+-- Written anew: a hash that once held a long value (the config) keeps a table encoding, three
+-- times the size of the compact one a new hash of short values gets.
+local summary = redis.call('HGETALL', key)
+redis.call('DEL', key)
+redis.call('HSET', key, 'archived', 1, unpack(summary))
+return 1
+""")
+
+# The last step of bringing an archived job's records back (its images hash was written first):
+# its config, and the job is no longer archived. ARGV: job_id, config. Returns 1 if restored now.
+RESTORE = _script("""
+local key = job_key(ARGV[1])
+if not redis.call('HGET', key, 'archived') then return 0 end
+redis.call('HSET', key, 'config', ARGV[2])
+redis.call('HDEL', key, 'archived')
+return 1
 """)
 
 # Regenerate some images of a finished job in place: forget their outcomes, queue redo runs
 # (each with its slots), and reopen the job; its ZIP is rebuilt when they are done.
-# Over the project's live-images quota nothing changes: {2, 'images', retry after seconds}.
+# Over the project's live-images quota nothing changes: {2, 'images', retry after seconds}; nor
+# while the job is archived: {3, 'archived'} (the caller restores it first).
 # ARGV: job_id, now, max live images (0 = no quota), number of slots, then for each redo run:
 #       run_id, slots ("3,7"); indices to forget are the slots.
 REDO = _script("""
 local job_id, now = ARGV[1], tonumber(ARGV[2])
 local key = job_key(job_id)
-local j = redis.call('HMGET', key, 'status', 'project')
+local j = redis.call('HMGET', key, 'status', 'project', 'archived')
 if j[1] ~= 'completed' and j[1] ~= 'failed' then return {0, j[1] or ''} end
+if j[3] then return {3, 'archived'} end
 local over = over_images_quota(j[2], tonumber(ARGV[4]), tonumber(ARGV[3]))
 if over then return over end
 redis.call('HSET', key, 'redo_images', ARGV[4])

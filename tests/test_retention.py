@@ -119,7 +119,11 @@ async def test_purge_removes_old_finished_jobs_and_keeps_the_rest(
     assert await redis.hgetall(keys.project_counts(PROJECT)) == {"completed": "1", "failed": "0", "processing": "1"}
     assert not await redis.smembers(keys.PURGING)
 
+    # The project's hourly figures older than the retention go too; the rest stay.
+    old_hour, kept_hour = int((now - 31 * DAY) // 3600), int((now - 29 * DAY) // 3600)
+    await redis.hset(keys.project_hourly(PROJECT), mapping={f"{old_hour}:jobs": 3, f"{kept_hour}:jobs": 2})
     assert await purge_expired(redis, storage, retention_settings, now) == 0  # nothing left to do
+    assert await redis.hgetall(keys.project_hourly(PROJECT)) == {f"{kept_hour}:jobs": "2"}
     # Two days later the recent one has aged out too; the unfinished one never does.
     assert await purge_expired(redis, storage, retention_settings, now + 2 * DAY) == 1
     assert await redis.exists(keys.job(running))

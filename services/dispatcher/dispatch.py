@@ -165,10 +165,11 @@ class Dispatcher:
                 log.debug("run %s attempt %s started as %s", run.run_id, run.attempt, run.runpod_id, extra=ids)
                 continue
             current = await self.store.run(run.run_id)
-            if current is not None and (current.status == RunStatus.CANCELED or current.attempt != run.attempt):
-                # Canceled while /run was on the wire, or given up on meanwhile (its start took longer
-                # than the webhook grace, so the poller started it again as a new attempt): this
-                # execution can no longer count, so stop it on RunPod instead of paying for it.
+            if current is None or current.status == RunStatus.CANCELED or current.attempt != run.attempt:
+                # Canceled while /run was on the wire (and maybe archived with its job since: its
+                # record is gone), or given up on meanwhile (its start took longer than the webhook
+                # grace, so the poller started it again as a new attempt): this execution can no
+                # longer count, so stop it on RunPod instead of paying for it.
                 log.warning("run %s is no longer live; canceling %s", run.run_id, run.runpod_id, extra=ids)
                 await self.cancel_on_runpod([run.runpod_id])
 

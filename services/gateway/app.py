@@ -27,6 +27,7 @@ from services.gateway import (
 from services.gateway.deps import Services
 from services.gateway.http_errors import method_not_allowed
 from services.gateway.limits import BodyLimitMiddleware, body_limits
+from shared.archive import JobArchive
 from shared.errors import BunchError, OverQuota
 from shared.jobstore import JobStore
 from shared.lifecycle import settle_garbage_collector
@@ -71,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.redis = redis
         app.state.storage = storage
-        app.state.store = JobStore(redis, settings)
+        app.state.store = JobStore(redis, settings, JobArchive(storage))
         app.state.services = Services(settings, redis, app.state.store, storage)
         app.state.projects = settings.project_for_key()
         settle_garbage_collector()

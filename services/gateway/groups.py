@@ -150,10 +150,9 @@ class _Succeeded:
 
 async def _succeeded_images(store: JobStore, job_id: str) -> list[_Succeeded]:
     try:
-        config = await store.config(job_id)
+        config, records = await store.records(job_id)
     except KeyError:
         return []  # purged by retention meanwhile
-    records = await store.images(job_id)
     return [
         _Succeeded(job_id, index, records[index], planning.slot(config, index))
         for index in sorted(records)

@@ -222,8 +222,7 @@ async def redo_images(
 @router.get("/{job_id}/results", response_model=JobResults, responses=NOT_FOUND)
 async def job_results(job_id: str, project: ProjectDep, store: StoreDep, storage: StorageDep) -> JobResults:
     job = await job_or_404(store, project, job_id)
-    config = await store.config(job_id)
-    records = await store.images(job_id)
+    config, records = await store.records(job_id)
     images = []
     for index in range(job.images_total):
         slot = planning.slot(config, index)

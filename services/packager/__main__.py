@@ -12,6 +12,7 @@ from services.packager.notifier import run_notifier
 from services.packager.packaging import Packager
 from services.packager.retention import RetentionSchedule
 from shared import keys, logs, metrics
+from shared.archive import JobArchive
 from shared.jobstore import JobStore
 from shared.lifecycle import run_until_signalled
 from shared.settings import get_settings
@@ -24,7 +25,7 @@ async def main() -> None:
     redis = connect(settings)
     storage = Storage(settings)
     await storage.ensure_bucket()
-    store = JobStore(redis, settings)
+    store = JobStore(redis, settings, JobArchive(storage))
     name = consumer_name(settings, "packager")
     # batch=1 and a heartbeat: a ZIP can take minutes, and must not be claimed as abandoned meanwhile.
     jobs = StreamConsumer(

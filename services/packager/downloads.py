@@ -193,10 +193,9 @@ class DownloadBuilder:
 
     async def _job_images(self, job_id: str, folder: str) -> list[_Image]:
         try:
-            config = await self.store.config(job_id)
+            config, records = await self.store.records(job_id)
         except KeyError:
             return []  # purged by retention
-        records = await self.store.images(job_id)
         images = []
         for index in sorted(records):
             record = records[index]

@@ -42,6 +42,7 @@ from aiohttp.resolver import ThreadedResolver
 from redis.asyncio import Redis
 
 from shared import keys
+from shared.archive import JobArchive
 from shared.jobstore import JobRecord, JobStore
 from shared.models import FINAL_JOB_STATUSES
 from shared.settings import Settings
@@ -179,7 +180,7 @@ class Notifier:
         self.redis = redis
         self.settings = settings
         self.storage = storage
-        self.store = JobStore(redis, settings)
+        self.store = JobStore(redis, settings, JobArchive(storage))
         self.stop = stop
         self.backoff = settings.user_webhook_backoff_seconds if backoff_seconds is None else backoff_seconds
         self._record = redis.register_script(_RECORD)

@@ -1,4 +1,5 @@
-"""Build a finished job's ZIP (images + manifest.json) in object storage and complete the job."""
+"""Build a finished job's ZIP (images + manifest.json) in object storage, complete the job, and
+archive its records beside the ZIP (Redis keeps live state only)."""
 
 import asyncio
 import json
@@ -88,14 +89,21 @@ class Packager:
 
     async def package(self, job_id: str) -> None:
         job = await self.store.get(job_id)
+        if job is None:
+            return
         # A canceled job is packaged too (what succeeded stays downloadable) but stays canceled.
-        packable = job is not None and (
-            job.status == JobStatus.PACKAGING or (job.status == JobStatus.CANCELED and job.zip_key is None)
-        )
-        if job is None or not packable:
-            return  # already packaged (a redelivered message), or reopened meanwhile
-        config = await self.store.config(job_id)
-        images = await self.store.images(job_id)
+        if job.status == JobStatus.PACKAGING or (
+            job.status == JobStatus.CANCELED and job.zip_key is None and job.images_succeeded > 0
+        ):
+            await self.build_zip(job)
+        # Also for a message delivered again after a crash between the two steps; a job reopened
+        # meanwhile (a redo) is not final and stays hot.
+        if await self.store.archive_job(job_id):
+            log.info("job %s archived", job_id, extra={"job_id": job_id})
+
+    async def build_zip(self, job: JobRecord) -> None:
+        job_id = job.id
+        config, images = await self.store.records(job_id)
         if not any(r.status == ImageStatus.SUCCEEDED for r in images.values()):
             if job.status == JobStatus.PACKAGING:
                 reasons = Counter(r.error or "unknown" for r in images.values())
@@ -111,7 +119,7 @@ class Packager:
         )
         ending = JobStatus.COMPLETED if job.status == JobStatus.PACKAGING else job.status
         took = time.monotonic() - started
-        if await self.store.transition(job_id, job.status, ending, zip_key=key, zip_bytes=size):
+        if await self.store.transition(job_id, job.status, ending, zip_bytes=size):
             metrics.PACKAGING_BYTES.inc(size)
             metrics.PACKAGING_SECONDS.observe(took)
             log.info("job %s packaged: %s bytes in %.2fs", job_id, size, took, extra={"job_id": job_id})

@@ -111,7 +111,6 @@ async def _purge_job(redis: Redis, storage: Storage, jobs_index: str, job_id: st
         pipe.sadd(keys.PURGING, job_id)
         pipe.delete(keys.job(job_id), keys.job_images(job_id))
         pipe.zrem(keys.project_jobs(project), job_id)
-        pipe.zrem(keys.project_finished(project), job_id)
         pipe.hincrby(keys.project_counts(project), str(fields["status"]), -1)
         pipe.hincrby(keys.JOB_COUNTS, str(fields["status"]), -1)
         if fields["group_id"]:
@@ -144,7 +143,20 @@ async def _project_job_indexes(redis: Redis) -> list[str]:
     prefix, suffix = keys.project_jobs("\0").split("\0")
     found = [key async for key in redis.scan_iter(match=f"{prefix}*{suffix}", count=1000, _type="zset")]
     # The pattern could also match another key shape ending the same way: keep exact ones only.
-    return [key for key in found if key == keys.project_jobs(key[len(prefix) : len(key) - len(suffix)])]
+    return [key for key in found if key == keys.project_jobs(_project_of_index(key))]
+
+
+def _project_of_index(jobs_index: str) -> str:
+    prefix, suffix = keys.project_jobs("\0").split("\0")
+    return jobs_index[len(prefix) : len(jobs_index) - len(suffix)]
+
+
+async def _trim_hourly(redis: Redis, project: str, cutoff: float) -> None:
+    """The project's hourly figures older than the retention go with the jobs they counted."""
+    first_hour = int(cutoff // 3600)
+    old = [field for field in await redis.hkeys(keys.project_hourly(project)) if int(field.split(":")[0]) < first_hour]
+    for start in range(0, len(old), 1000):
+        await redis.hdel(keys.project_hourly(project), *old[start : start + 1000])
 
 
 # --- downloads ---
@@ -174,6 +186,8 @@ async def purge_expired(redis: Redis, storage: Storage, settings: Settings, now:
     for jobs_index in job_indexes:
         removed += await _purge_index(redis, storage, jobs_index, cutoff)
     downloads = await purge_expired_downloads(redis, storage, cutoff)
+    for jobs_index in job_indexes:
+        await _trim_hourly(redis, _project_of_index(jobs_index), cutoff)
     # After the jobs: the uploads only they named are free to go now.
     datasets = await purge_unused_datasets(redis, cutoff)
     uploads = await purge_unused_uploads(redis, storage, cutoff, now, job_indexes)

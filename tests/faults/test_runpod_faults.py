@@ -2,6 +2,7 @@
 rest delivered twice (late), runs failing, runs stuck IN_PROGRESS until their execution timeout,
 and /status answering 404 once a run's results expired. Every job still ends as it should."""
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from tests.faults.helpers import (
     submit_job,
     wait_for,
 )
-from tests.stack_helpers import emulator, wait_final
+from tests.stack_helpers import download_zip, emulator, wait_final
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,9 +84,12 @@ async def test_every_fault_at_once(stack: Stack, api: httpx.AsyncClient, redis: 
             assert EXECUTION_TIMEOUT <= j["finished_at"] - j["started_at"] < EXECUTION_TIMEOUT + 1, j
     # Each run counts its last attempt, which completed. Any other execution of it ended without
     # output to pay for: it failed, timed out, or was canceled once it could no longer count (a /run
-    # retried past the webhook grace is started again as a new attempt by the poller).
+    # retried past the webhook grace is started again as a new attempt by the poller). The job is
+    # archived by now: the attempt each image counts is in its ZIP's manifest.
+    manifest = json.loads((await download_zip(api, job_id)).read("manifest.json"))
+    counted = {keys.run_id(job_id, image["index"] // 4): image["attempt"] for image in manifest["images"]}
     for run_id in {j["input"]["run_id"] for j in jobs}:
-        attempt = int(await redis.hget(keys.run(run_id), "attempt"))
+        attempt = counted[run_id]
         tried = {j["input"]["attempt"]: j["status"] for j in jobs if j["input"]["run_id"] == run_id}
         assert tried.pop(attempt) == "COMPLETED"
         assert set(tried.values()) <= {"FAILED", "TIMED_OUT", "CANCELLED"}, (run_id, attempt, tried)
