@@ -177,7 +177,7 @@ class BunchClient:
             yield from jobs[:left]
             left -= len(jobs)
             cursor = page.get("next_cursor")
-            if not cursor or not jobs:
+            if not cursor:  # a filtered page may be short, even empty, with more after it
                 return
 
     def cancel(self, job_id: str) -> dict[str, Any]:

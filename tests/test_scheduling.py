@@ -11,11 +11,15 @@ import pytest
 from redis.asyncio import Redis
 
 from deploy.stack import Stack
+from services.gateway.jobs import MAX_EXAMINED
 from shared import keys
-from tests.stack_helpers import client, download_zip, emulator, running_stack, submit, wait_final
+from shared.jobstore import JobStore
+from shared.models import SemiAutoJobRequest
+from shared.settings import Settings
+from tests.stack_helpers import client, download_zip, emulator, redis_of, running_stack, submit, wait_final
 
 CAP = 4
-PROJECTS = ("order", "fair-a", "fair-b", "replicas", "cancel", "retry", "redo", "numbers")
+PROJECTS = ("order", "fair-a", "fair-b", "replicas", "cancel", "retry", "redo", "numbers", "listing")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +47,10 @@ async def calm_emulators(stack: Stack) -> None:
 
 def api(stack: Stack, project: str) -> httpx.AsyncClient:
     return client(stack, f"key-{project}")
+
+
+def semi_request(prompt: str) -> SemiAutoJobRequest:
+    return SemiAutoJobRequest(mode="semi_auto", prompts=[prompt], images_per_prompt=1)
 
 
 def semi(prompt: str, images: int, priority: int = 10) -> dict[str, Any]:
@@ -300,3 +308,25 @@ async def test_eta_separates_waiting_from_running(stack: Stack) -> None:
         await order.post("/api/queue/cancel", json={"job_ids": [first, second]})
     finally:
         await order.post("/api/queue/resume")
+
+
+async def test_a_filtered_listing_looks_at_a_bounded_number_of_jobs_per_request(stack: Stack) -> None:
+    listing = api(stack, "listing")
+    await listing.post("/api/queue/pause")
+    async with redis_of(stack) as redis:
+        store = JobStore(redis, Settings(redis_url=stack.redis_url))
+        old = await submit(listing, semi("the one canceled", 1))
+        assert (await listing.post(f"/api/jobs/{old}/cancel")).status_code == 200
+        # A long history after it (the newest come first): more than one request looks at.
+        newer = [semi_request(f"newer {n}") for n in range(MAX_EXAMINED + 50)]
+        created = await asyncio.gather(*(store.create("listing", config) for config in newer))
+        first = (await listing.get("/api/jobs", params={"status": "canceled"})).json()
+        assert first["jobs"] == [] and first["next_cursor"]  # bounded: stopped, and says where to go on
+        pages = [first]
+        while pages[-1]["next_cursor"]:
+            params = {"status": "canceled", "cursor": pages[-1]["next_cursor"]}
+            pages.append((await listing.get("/api/jobs", params=params)).json())
+        assert [job["id"] for page in pages for job in page["jobs"]] == [old]
+        for job in created:
+            await store.cancel(job.id)
+    await listing.post("/api/queue/resume")

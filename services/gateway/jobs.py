@@ -42,6 +42,7 @@ from shared.webhook_safety import webhook_url_problem
 router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=API_PROBLEMS)
 
 NOT_FOUND = problems(404)
+MAX_EXAMINED = 1000  # jobs a filtered listing looks at per request
 NOT_FOUND_OR_CONFLICT = problems(404, 409)
 
 
@@ -129,17 +130,21 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(pattern=r"^\d+(\.\d+)?$")] = None,
 ) -> JobList:
-    """Newest first; `cursor` is the `next_cursor` of the previous page."""
+    """Newest first; `cursor` is the `next_cursor` of the previous page. With a filter, one request
+    looks at no more than MAX_EXAMINED jobs, so its cost does not grow with the project's history:
+    a page may then hold fewer than `limit` jobs (even none) and still have a `next_cursor`."""
     views: list[JobStatusView] = []
     upper = f"({cursor}" if cursor else "+inf"
-    next_cursor = None
+    examined = 0
     while len(views) < limit:
+        if examined >= MAX_EXAMINED:
+            return JobList(jobs=views, next_cursor=upper[1:])
         page = await redis.zrevrangebyscore(
             keys.project_jobs(project), upper, "-inf", start=0, num=200, withscores=True
         )
         if not page:
-            next_cursor = None
-            break
+            return JobList(jobs=views, next_cursor=None)
+        examined += len(page)
         jobs = {job.id: job for job in await store.get_many([job_id for job_id, _ in page])}
         for job_id, score in page:
             upper = f"({score!r}"
@@ -149,10 +154,9 @@ async def list_jobs(
             if group and group not in (job.group, job.group_id):
                 continue
             views.append(await status_view(job, store, storage, live=False))
-            next_cursor = repr(score)
             if len(views) == limit:
                 break
-    return JobList(jobs=views, next_cursor=next_cursor if len(views) == limit else None)
+    return JobList(jobs=views, next_cursor=upper[1:])
 
 
 @router.get("/{job_id}/status", response_model=JobStatusView, responses=NOT_FOUND)
