@@ -10,15 +10,15 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from shared import keys, lua, planning
+from shared import keys, planning, scripts
 from shared.archive import ArchivedRecords, JobArchive
 from shared.errors import Invalid, OverQuota
 from shared.models import FINAL_JOB_STATUSES, ImageStatus, JobRequest, JobStatus, RunStatus
 from shared.planning import JobConfig
 from shared.redis_memory import MemoryGuard
+from shared.scripts import Answer
 from shared.settings import Settings
 
 _config_adapter: TypeAdapter[JobConfig] = TypeAdapter(JobRequest)
@@ -126,6 +126,10 @@ class Completion:
     status: RunStatus
     images: dict[int, ImageRecord]
 
+    def keys(self) -> list[str]:
+        job_id, _ = keys.split_run_id(self.run_id)
+        return [keys.run(self.run_id), keys.job(job_id), keys.job_images(job_id)]
+
     def args(self, now: float) -> list[Any]:
         job_id, _ = keys.split_run_id(self.run_id)
         succeeded = sum(1 for r in self.images.values() if r.status == ImageStatus.SUCCEEDED)
@@ -152,22 +156,7 @@ class JobStore:
         self.settings = settings
         self.archive = archive
         self.memory = MemoryGuard(redis, settings.redis_memory_refuse_fraction)
-        self._claim = redis.register_script(lua.RECORD_STARTED_AND_CLAIM)
-        self._admit = redis.register_script(lua.ADMIT)
-        self._set_paused = redis.register_script(lua.SET_PAUSED)
-        self._set_weights = redis.register_script(lua.SET_WEIGHTS)
-        self._forget_run = redis.register_script(lua.FORGET_RUN)
-        self._set_priority = redis.register_script(lua.SET_PRIORITY)
-        self._requeue = redis.register_script(lua.REQUEUE)
-        self._complete = redis.register_script(lua.COMPLETE)
-        self._transition = redis.register_script(lua.TRANSITION)
-        self._cancel = redis.register_script(lua.CANCEL)
-        self._redo = redis.register_script(lua.REDO)
-        self._archive = redis.register_script(lua.ARCHIVE)
-        self._restore = redis.register_script(lua.RESTORE)
-        self._queue_figures = redis.register_script(lua.queue_figures())
-        self._status = redis.register_script(lua.queue_figures(_JOB_FIELDS))
-        self._create = redis.register_script(lua.CREATE)
+        self._status = scripts.queue_figures(_JOB_FIELDS)
 
     # --- jobs ---
 
@@ -215,10 +204,10 @@ class JobStore:
         values = json.dumps({name: str(value) for name, value in fields.items()}, ensure_ascii=False)
         args += [group_id or "", retry_of or "", values, group_name or "", uuid.uuid4().hex]
         args += [record.images_total, max_live_images, self.settings.project_max_jobs_per_minute]
-        created = await self._create(keys=list(required), args=args)
-        if created[0] == 0:
+        created = await scripts.CREATE(self.redis, list(required), args)
+        if created[0] == Answer.MISSING:
             raise MissingKeys([int(position) - 1 for position in created[1]])
-        if created[0] == 2:
+        if created[0] == Answer.OVER_QUOTA:
             raise self._over_quota(created[1:], record.images_total)
         record.seq = int(created[1])
         record.group_id = str(created[2]) or None
@@ -261,7 +250,7 @@ class JobStore:
 
     async def set_paused(self, project: str, paused: bool) -> None:
         """Paused: runs in flight finish, no new run of the project starts until resumed."""
-        await self._set_paused(args=[project, int(paused)])
+        await scripts.SET_PAUSED(self.redis, [keys.project_paused(project)], [project, int(paused)])
 
     async def paused(self, project: str) -> bool:
         return bool(await self.redis.exists(keys.project_paused(project)))
@@ -271,26 +260,27 @@ class JobStore:
         args: list[Any] = []
         for project, weight in weights.items():
             args += [project, weight]
-        await self._set_weights(args=args)
+        await scripts.SET_WEIGHTS(self.redis, [keys.WEIGHTS, keys.BACKLOG, keys.BACKLOG_WEIGHT], args)
 
     async def admit(self, job_id: str) -> bool:
         """Put an accepted job in its project's queue (idempotent: a redelivery changes nothing)."""
-        return bool(await self._admit(args=[job_id, PRIORITY_SCALE]))
+        return await scripts.ADMIT(self.redis, [keys.job(job_id)], [job_id, PRIORITY_SCALE]) == Answer.DONE
 
     async def set_priority(self, job_id: str, priority: int) -> bool:
         """False when every run of the job has already started."""
-        return bool(await self._set_priority(args=[job_id, priority, PRIORITY_SCALE]))
+        answer = await scripts.SET_PRIORITY(self.redis, [keys.job(job_id)], [job_id, priority, PRIORITY_SCALE])
+        return answer == Answer.DONE
 
     async def transition(self, job_id: str, from_status: JobStatus, to_status: JobStatus, **fields: Any) -> bool:
         args: list[Any] = [job_id, from_status.value, to_status.value, time.time()]
         for name, value in fields.items():
             args += [name, "" if value is None else value]
-        return bool(await self._transition(args=args))
+        return await scripts.TRANSITION(self.redis, [keys.job(job_id)], args) == Answer.DONE
 
     async def cancel(self, job_id: str) -> tuple[bool, str]:
         """(True, runs stopped) or (False, the status that forbids canceling)."""
-        done, detail = await self._cancel(args=[job_id, time.time()])
-        return bool(done), str(detail)
+        answer, detail = await scripts.CANCEL(self.redis, [keys.job(job_id)], [job_id, time.time()])
+        return answer == Answer.DONE, str(detail)
 
     async def redo(self, job_id: str, indices: Sequence[int]) -> tuple[bool, str]:
         """Queue redo runs of at most run_size images; (False, status) if the job is not finished.
@@ -306,13 +296,14 @@ class JobStore:
         args: list[Any] = [job_id, time.time(), self.settings.project_max_queued_images, len(ordered)]
         for n, chunk in enumerate(chunks, start=first):
             args += [keys.run_id(job_id, f"r{n}"), ",".join(map(str, chunk))]
-        answer = await self._redo(args=args)
-        if answer[0] == 3:  # archived again between the restore and the redo: once more
+        redo_keys = [keys.job(job_id), keys.job_images(job_id)]
+        answer = await scripts.REDO(self.redis, redo_keys, args)
+        if answer[0] == Answer.ARCHIVED:  # archived again between the restore and the redo: once more
             await self.restore(job_id)
-            answer = await self._redo(args=args)
-        if answer[0] == 2:
+            answer = await scripts.REDO(self.redis, redo_keys, args)
+        if answer[0] == Answer.OVER_QUOTA:
             raise self._over_quota(answer[1:], len(ordered))
-        return bool(answer[0]), str(answer[1])
+        return answer[0] == Answer.DONE, str(answer[1])
 
     # --- hot and cold ---
 
@@ -330,7 +321,7 @@ class JobStore:
         images = await self.redis.hgetall(keys.job_images(job_id))
         records = ArchivedRecords(job_id=job_id, config=config, images={int(k): v for k, v in images.items()})
         await self.archive.write(records)
-        if not await self._archive(args=[job_id, runs_total]):
+        if await scripts.ARCHIVE(self.redis, [key, keys.job_images(job_id)], [runs_total]) != Answer.DONE:
             return False
         redone = int(redo_runs or 0)
         runs = [keys.run_id(job_id, n) for n in range(int(runs_total or 0) - redone)]
@@ -350,7 +341,7 @@ class JobStore:
             for start in range(0, len(items), 1000):
                 pipe.hset(keys.job_images(job_id), mapping=dict(items[start : start + 1000]))
             await pipe.execute()
-        await self._restore(args=[job_id, records.config])
+        await scripts.RESTORE(self.redis, [keys.job(job_id)], [records.config])
 
     # --- runs ---
 
@@ -362,15 +353,16 @@ class JobStore:
     async def acquire_many(self, now: float, deadline: float, limit: int, started: Sequence[StartedRun] = ()) -> Claims:
         """Record the RunPod ids of `started`, then claim up to `limit` runs, in the order single
         claims would take them (fewer than `limit`: no more can start now)."""
-        return _claims(await self._claim(args=self._claim_args(now, deadline, limit, started)))
+        args = self._claim_args(now, deadline, limit, started)
+        return _claims(await scripts.RECORD_STARTED_AND_CLAIM(self.redis, [], args))
 
     async def settle_and_claim(
         self, completions: Sequence[Completion], now: float, deadline: float, limit: int, started: Sequence[StartedRun]
     ) -> tuple[list[bool | Exception], Claims | Exception]:
         """A dispatcher pass in one round trip: COMPLETE each finished run (True: recorded now, not
         before), then acquire_many. Each part succeeds or fails on its own."""
-        calls = [(self._complete, completion.args(now)) for completion in completions]
-        calls.append((self._claim, self._claim_args(now, deadline, limit, started)))
+        calls = [(scripts.COMPLETE, completion.keys(), completion.args(now)) for completion in completions]
+        calls.append((scripts.RECORD_STARTED_AND_CLAIM, [], self._claim_args(now, deadline, limit, started)))
         *completed, claimed = await self._evalsha_all(calls)
         outcomes = [answer if isinstance(answer, Exception) else bool(answer) for answer in completed]
         return outcomes, claimed if isinstance(claimed, Exception) else _claims(claimed)
@@ -383,19 +375,20 @@ class JobStore:
             args += [run.run_id, run.attempt, run.runpod_id]
         return args
 
-    async def _evalsha_all(self, calls: Sequence[tuple[AsyncScript, list[Any]]]) -> list[Any]:
+    async def _evalsha_all(self, calls: Sequence[tuple[scripts.Script, list[str], list[Any]]]) -> list[Any]:
         """Run scripts in one pipeline by SHA; answers are results or the error of that call.
 
         redis-py's own pipelined scripts cost a SCRIPT EXISTS round trip on every execute. Here a
-        script Redis no longer knows (it restarted) is loaded and only the calls it refused run again.
+        script Redis no longer knows (it restarted, or failed over) is loaded and only the calls it
+        refused run again.
         """
         answers: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for _ in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for i in todo:
-                    script, args = calls[i]
-                    pipe.evalsha(script.sha, 0, *args)
+                    script, script_keys, args = calls[i]
+                    pipe.evalsha(script.sha, len(script_keys), *script_keys, *args)
                 results = await pipe.execute(raise_on_error=False)
             for i, result in zip(todo, results, strict=True):
                 answers[i] = result
@@ -403,16 +396,17 @@ class JobStore:
             if not todo:
                 break
             for script in {calls[i][0] for i in todo}:
-                await self.redis.script_load(script.script)
+                await self.redis.script_load(script.text)
         return answers
 
     async def requeue(self, run_id: str, attempt: int, ready_at: float, *, new_attempt: bool, reason: str) -> int:
         """Schedule a run again; returns the attempt it will run as (0 if it was not live)."""
-        return int(await self._requeue(args=[run_id, attempt, ready_at, int(new_attempt), reason]))
+        args = [run_id, attempt, ready_at, int(new_attempt), reason]
+        return int(await scripts.REQUEUE(self.redis, [keys.run(run_id)], args))
 
     async def complete(self, completion: Completion) -> bool:
         """Store a run's final outcome once; the last run of a job moves it to packaging."""
-        return bool(await self._complete(args=completion.args(time.time())))
+        return await scripts.COMPLETE(self.redis, completion.keys(), completion.args(time.time())) == Answer.DONE
 
     async def run(self, run_id: str) -> RunRecord | None:
         raw = await self.redis.hgetall(keys.run(run_id))
@@ -431,7 +425,7 @@ class JobStore:
 
     async def forget_run(self, run_id: str, project: str) -> None:
         """Drop a run's stray in-flight entries (its run was settled), freeing the slots it held."""
-        await self._forget_run(args=[run_id, project])
+        await scripts.FORGET_RUN(self.redis, [], [run_id, project])
 
     async def postpone(self, run_id: str, deadline: float) -> None:
         await self.redis.zadd(keys.RUNNING, {run_id: deadline}, xx=True)
@@ -469,12 +463,12 @@ class JobStore:
         script call, O(log n) in the jobs and projects queued."""
         if job.status not in (JobStatus.QUEUED, JobStatus.PROCESSING):
             return NO_FIGURES
-        _, *figures = await self._queue_figures(args=[job.id])
+        _, *figures = await scripts.QUEUE_FIGURES(self.redis, [keys.job(job.id)], [job.id])
         return self._figures(job, *figures)
 
     async def status_for_project(self, project: str, job_id: str) -> "tuple[JobRecord, QueueFigures] | None":
         """The job (None if it is not the project's) and its queue figures, read together in one call."""
-        values, *figures = await self._status(args=[job_id])
+        values, *figures = await self._status(self.redis, [keys.job(job_id)], [job_id])
         job = _job_record(values)
         if job is None or job.project != project:
             return None

@@ -28,7 +28,7 @@ CONSUMED_STREAMS = (
 )
 
 # Scheduling state. Queued jobs wait in one queue per project, ordered by priority; between
-# projects, capacity is shared by weight (fair share, see the claim script in shared/lua.py).
+# projects, capacity is shared by weight (fair share, shared/lua/include/fair_share.lua).
 RETRY_QUEUE = f"{PREFIX}:queue:retries"  # zset run_id -> time it may be started (retries, redos)
 RUNNING = f"{PREFIX}:running"  # zset run_id -> time its webhook is overdue (poll then)
 READY = f"{PREFIX}:sched:ready"  # zset project -> pass: projects that may start a run now

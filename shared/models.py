@@ -16,26 +16,43 @@ class JobStatus(StrEnum):
 
 
 FINAL_JOB_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED})
+# Runs of the job may still start (its images count against the project's quota).
+LIVE_JOB_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.PROCESSING})
 
 
 class RunStatus(StrEnum):
     QUEUED = "queued"
     DISPATCHED = "dispatched"
-    RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
+
+
+# The state machines, the one place their transitions are written down. The Lua scripts get them
+# as tables (shared/scripts.py) and every status change there is checked against them.
+JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.PROCESSING, JobStatus.CANCELED}),  # its first run starts
+    JobStatus.PROCESSING: frozenset({JobStatus.PACKAGING, JobStatus.CANCELED}),  # its last run ends
+    JobStatus.PACKAGING: frozenset({JobStatus.COMPLETED, JobStatus.FAILED}),  # nothing succeeded: failed
+    JobStatus.COMPLETED: frozenset({JobStatus.PROCESSING}),  # a redo reopens it
+    JobStatus.FAILED: frozenset({JobStatus.PROCESSING}),
+    JobStatus.CANCELED: frozenset(),
+}
+RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
+    # A planned run has no record until it is first claimed (dispatched); a redo run starts queued.
+    RunStatus.QUEUED: frozenset({RunStatus.DISPATCHED, RunStatus.CANCELED}),
+    # Requeued: a failed attempt to try again, or a /run call that never reached RunPod.
+    RunStatus.DISPATCHED: frozenset({RunStatus.QUEUED, RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELED}),
+    RunStatus.SUCCEEDED: frozenset(),
+    RunStatus.FAILED: frozenset(),
+    RunStatus.CANCELED: frozenset(),
+}
 
 
 class ImageStatus(StrEnum):
     PENDING = "pending"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-
-
-class Mode(StrEnum):
-    SEMI_AUTO = "semi_auto"
-    AUTOMATIC = "automatic"
 
 
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000)]

@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import keys, lua
+from shared import keys, scripts
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,6 @@ class StreamConsumer:
         self.heartbeat = heartbeat
         # Far beyond a live consumer's idle time (one blocking read), so only the departed qualify.
         self.forget_idle_ms = forget_idle_ms or max(10 * claim_idle_ms, 300_000)
-        self._forget_consumers = redis.register_script(lua.FORGET_CONSUMERS)
-        self._trim_acknowledged = redis.register_script(lua.TRIM_ACKNOWLEDGED)
         # Handled but not yet acknowledged: the XACK rides along with the next read. Until then a
         # crash only redelivers them, and handlers are idempotent.
         self._handled: list[str] = []
@@ -117,7 +115,7 @@ class StreamConsumer:
                 if loop.time() >= next_claim:
                     await self._claim_abandoned()
                     await self._forget_departed()
-                    await self._trim_acknowledged(keys=[self.stream])
+                    await self.trim_acknowledged()
                     next_claim = loop.time() + claim_every
                 for _stream, messages in await self._acknowledge_and_read() or []:
                     await self._handle_all(messages)
@@ -167,9 +165,13 @@ class StreamConsumer:
 
     async def _forget_departed(self) -> None:
         args = [self.group, self.forget_idle_ms, self.consumer]
-        forgotten = await self._forget_consumers(keys=[self.stream], args=args)
+        forgotten = await scripts.FORGET_CONSUMERS(self.redis, [self.stream], args)
         if forgotten:
             log.info("forgot %d departed consumers of %s: %s", len(forgotten), self.stream, forgotten)
+
+    async def trim_acknowledged(self) -> int:
+        """Trim what every group of the stream has acknowledged; returns the entries trimmed."""
+        return int(await scripts.TRIM_ACKNOWLEDGED(self.redis, [self.stream]))
 
     async def _without_poison(self, messages: list[tuple[str, Fields]]) -> list[tuple[str, Fields]]:
         """Move messages that keep failing to the dead-letter stream instead of retrying forever."""

@@ -73,6 +73,16 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+@pytest.fixture
+async def fresh_redis(redis_url: str) -> AsyncIterator[Redis]:
+    """A database of its own, emptied around each test, so other tests' data is never touched."""
+    redis = Redis.from_url(redis_url.rsplit("/", 1)[0] + "/9", decode_responses=True)
+    await redis.flushdb()
+    yield redis
+    await redis.flushdb()
+    await redis.aclose()
+
+
 @pytest.fixture(scope="session")
 async def storage(settings: Settings) -> Storage:
     store = Storage(settings)

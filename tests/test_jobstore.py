@@ -2,25 +2,14 @@
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
-from shared import keys, lua
+from shared import keys, scripts
 from shared.jobstore import Completion, ImageRecord, JobRecord, JobStore, MissingKeys, QueueFigures, StartedRun
 from shared.models import ImageStatus, JobStatus, RunStatus, SemiAutoJobRequest
 from shared.settings import Settings
-
-
-@pytest.fixture
-async def fresh_redis(redis_url: str) -> AsyncIterator[Redis]:
-    # A database of its own, emptied around each test, so other tests' data is never touched.
-    redis = Redis.from_url(redis_url.rsplit("/", 1)[0] + "/9", decode_responses=True)
-    await redis.flushdb()
-    yield redis
-    await redis.flushdb()
-    await redis.aclose()
 
 
 def store_with(redis: Redis, settings: Settings, **overrides: int) -> JobStore:
@@ -32,11 +21,11 @@ def job(images: int, priority: int = 10) -> SemiAutoJobRequest:
 
 
 async def test_lua_key_names_are_the_ones_shared_keys_builds(fresh_redis: Redis) -> None:
-    for name, builder in lua._KEY_FUNCTIONS.items():
-        script = lua.PRELUDE + f"return {name}(ARGV[1])"
+    for name, builder in scripts.KEY_FUNCTIONS.items():
+        script = scripts.PRELUDE + f"return {name}(ARGV[1])"
         assert await fresh_redis.eval(script, 0, "x1") == builder("x1"), name
-    for name, value in lua._CONSTANTS.items():
-        assert await fresh_redis.eval(lua.PRELUDE + f"return {name}", 0) == value
+    for name, value in scripts.KEY_NAMES.items():
+        assert await fresh_redis.eval(scripts.PRELUDE + f"return {name}", 0) == value
 
 
 async def test_create_stores_and_publishes_the_job_in_one_step(fresh_redis: Redis, settings: Settings) -> None:

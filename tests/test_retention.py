@@ -18,10 +18,11 @@ from services.gateway.images import check_image
 from services.gateway.uploads import store_upload
 from services.packager.retention import purge_expired
 from services.packager.upload_retention import purge_unused_uploads
-from shared import keys, lua
+from shared import keys, scripts
 from shared.downloads import create_download
 from shared.jobstore import JobStore, MissingKeys
 from shared.models import SemiAutoJobRequest
+from shared.scripts import Answer
 from shared.settings import Settings
 from shared.storage import Storage
 from tests.stack_helpers import png_bytes
@@ -211,8 +212,8 @@ async def claimed_upload(redis: Redis, storage: Storage, width: int, claimed_at:
     """An upload that retention claimed for deletion at `claimed_at` (its records are gone)."""
     data = png_bytes(seed=uuid.uuid4().int % 200, width=width)
     upload_id = await send(redis, storage, PROJECT, data)
-    claim = redis.register_script(lua.CLAIM_UPLOAD)
-    assert await claim(keys=[keys.upload_holders(upload_id)], args=[upload_id, time.time() + 1, claimed_at])
+    claim_keys = [keys.upload_holders(upload_id), keys.UPLOADS_BY_USE, keys.UPLOADS_PURGING]
+    assert await scripts.CLAIM_UPLOAD(redis, claim_keys, [upload_id, time.time() + 1, claimed_at]) == Answer.DONE
     return upload_id, data
 
 
@@ -294,7 +295,7 @@ async def test_a_claim_older_than_its_lease_is_taken_back_by_a_new_upload(
 ) -> None:
     now = time.time()
     # Claimed by a purge that died longer ago than the lease.
-    upload_id, data = await claimed_upload(redis, storage, 80, now - lua.UPLOAD_PURGE_LEASE_SECONDS - 1)
+    upload_id, data = await claimed_upload(redis, storage, 80, now - scripts.UPLOAD_PURGE_LEASE_SECONDS - 1)
     await storage.delete(keys.upload_object(upload_id))  # it may have got as far as the DELETE
 
     assert await asyncio.wait_for(send(redis, storage, PROJECT, data), 1) == upload_id  # no wait

@@ -183,7 +183,7 @@ async def test_trimming_keeps_every_entry_not_yet_read_or_acknowledged(private_r
     assert pending["pending"] >= 10 and pending["min"] == ids[300]
     # Once they are acknowledged too, everything up to the last handed out can go.
     await redis.xack(STREAM, GROUP, *ids[300:310], *ids[600:])
-    await consumer._trim_acknowledged(keys=[STREAM])
+    await consumer.trim_acknowledged()
     assert len(await redis.xrange(STREAM)) < 200
 
 

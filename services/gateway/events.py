@@ -3,8 +3,8 @@
     GET /api/jobs/{id}/events     one job; ends after the job's final status (completed/failed/canceled)
     GET /api/events               every job of the caller's project; never ends by itself
 
-Every job status or progress change is an entry of keys.EVENTS_STREAM (shared/lua.py `emit`). Each
-is sent as
+Every job status or progress change is an entry of keys.EVENTS_STREAM (`emit` in
+shared/lua/include/job_status.lua). Each is sent as
 
     id: <stream entry id>
     event: status | progress

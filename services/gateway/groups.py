@@ -15,10 +15,11 @@ from redis.exceptions import WatchError
 
 from services.gateway.deps import ProjectDep, RedisDep, StorageDep, StoreDep
 from services.gateway.schemas import API_PROBLEMS, JsonRequest, Progress, problems
-from shared import keys, lua, planning
+from shared import keys, planning, scripts
 from shared.jobstore import ImageRecord, JobRecord, JobStore, MissingKeys
 from shared.models import FINAL_JOB_STATUSES, GroupName, ImageStatus, JobStatus
 from shared.planning import image_file_name
+from shared.scripts import Answer
 from shared.storage import Storage
 
 router = APIRouter(prefix="/api/groups", tags=["groups"], responses=API_PROBLEMS)
@@ -87,9 +88,8 @@ async def load_group(redis: Redis, project: str, group_id: str) -> dict[str, str
 async def create_group(redis: Redis, project: str, name: str) -> tuple[str, str, bool]:
     """(group id, name, created): the project's group of that name, created if there is none."""
     group_id = uuid.uuid4().hex
-    script = redis.register_script(lua.CREATE_GROUP)
-    created, found_id = await script(args=[name, group_id, project, time.time()])
-    return str(found_id), name, bool(created)
+    created, found_id = await scripts.CREATE_GROUP(redis, [], [name, group_id, project, time.time()])
+    return str(found_id), name, created == Answer.DONE
 
 
 async def resolve_group(
@@ -98,9 +98,8 @@ async def resolve_group(
     """(group id, name) for what a job names: a group id of this project, else a group name
     (the group is created if it does not exist yet). With `required` (distinct keys), only if they
     all exist, checked in the same call: else MissingKeys with their indices, and nothing changes."""
-    script = redis.register_script(lua.RESOLVE_GROUP)  # cheap: a client reference and the script's hash
-    found = await script(keys=list(required), args=[name_or_id, project, uuid.uuid4().hex, time.time()])
-    if not found[0]:
+    found = await scripts.RESOLVE_GROUP(redis, list(required), [name_or_id, project, uuid.uuid4().hex, time.time()])
+    if found[0] == Answer.MISSING:
         raise MissingKeys([int(position) - 1 for position in found[1]])
     return str(found[1]), str(found[2])
 

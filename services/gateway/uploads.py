@@ -11,7 +11,8 @@ from redis.asyncio import Redis
 from services.gateway.deps import ProjectDep, RedisDep, SettingsDep, StorageDep
 from services.gateway.images import CheckedImage, ImageRejected, check_image
 from services.gateway.schemas import API_PROBLEMS, UploadInfo, UploadsCreated, problems
-from shared import keys, lua
+from shared import keys, scripts
+from shared.scripts import Answer
 from shared.storage import Storage
 
 router = APIRouter(prefix="/api", tags=["uploads"], responses=API_PROBLEMS)
@@ -90,10 +91,11 @@ async def store_upload(storage: Storage, redis: Redis, project: str, image: Chec
 
 async def _mark_used(redis: Redis, upload_id: str) -> bool:
     """Note that the upload is used now, once retention is not deleting it; True if it must be PUT."""
-    use = redis.register_script(lua.USE_UPLOAD)
+    indexes = [keys.UPLOADS_BY_USE, keys.UPLOADS_PURGING]
     for _ in range(RETENTION_WAIT_TRIES):
-        answer = int(await use(args=[upload_id, time.time(), lua.UPLOAD_PURGE_LEASE_SECONDS]))
-        if answer:
-            return answer == 2
+        args = [upload_id, time.time(), scripts.UPLOAD_PURGE_LEASE_SECONDS]
+        answer = await scripts.USE_UPLOAD(redis, indexes, args)
+        if answer != Answer.REFUSED:
+            return answer == Answer.RECLAIMED
         await asyncio.sleep(RETENTION_WAIT_SECONDS)  # a single object's deletion: milliseconds
     raise HTTPException(503, "This image is being removed by retention right now; send it again in a minute.")

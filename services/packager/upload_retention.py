@@ -2,7 +2,7 @@
 
 An upload's object is stored once by content and shared by every project that sent the same image,
 so it goes only when none of them used it since the cutoff (sent it, or named it in a new job) and
-no job or dataset still kept names it. Both ends are fenced in Lua (shared/lua.py): a job named
+no job or dataset still kept names it. Both ends are fenced in Lua (shared/lua/): a job named
 an upload after the scan below moved its last use past the cutoff, so `CLAIM_UPLOAD` leaves it;
 once claimed, its records are gone (no new job can name it) and a new upload of the same content
 waits for the object's deletion (`USE_UPLOAD`) instead of racing it.
@@ -13,7 +13,8 @@ import logging
 
 from redis.asyncio import Redis
 
-from shared import keys, lua
+from shared import keys, scripts
+from shared.scripts import Answer
 from shared.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,10 @@ async def purge_unused_uploads(
     redis: Redis, storage: Storage, cutoff: float, now: float, job_indexes: list[str]
 ) -> int:
     """Delete the uploads (records and objects) unused since the cutoff; returns how many."""
-    claim = redis.register_script(lua.CLAIM_UPLOAD)
 
     async def delete(upload_id: str) -> bool:
-        if not await claim(keys=[keys.upload_holders(upload_id)], args=[upload_id, cutoff, now]):
+        claim_keys = [keys.upload_holders(upload_id), keys.UPLOADS_BY_USE, keys.UPLOADS_PURGING]
+        if await scripts.CLAIM_UPLOAD(redis, claim_keys, [upload_id, cutoff, now]) != Answer.DONE:
             return False  # used meanwhile
         await storage.delete(keys.upload_object(upload_id))
         await redis.zrem(keys.UPLOADS_PURGING, upload_id)
