@@ -65,6 +65,7 @@ async def seed_job(redis: Redis, storage: Storage, *, status: str, created: floa
             {"status": "succeeded", "attempt": 1, "object_key": key, "finished_at": completed or created}
         )
     await storage.put_bytes(keys.zip_object(job_id), b"zip bytes", "application/zip")
+    await storage.put_bytes(keys.archive_object(job_id), b"archived records", "application/gzip")
     fields = {
         "id": job_id,
         "project": PROJECT,
@@ -111,12 +112,14 @@ async def test_purge_removes_old_finished_jobs_and_keeps_the_rest(
         assert not await redis.exists(keys.job(job_id), keys.job_images(job_id))
         assert await redis.zscore(keys.project_jobs(PROJECT), job_id) is None
         assert not await storage.exists(keys.zip_object(job_id))
+        assert not await storage.exists(keys.archive_object(job_id))  # the archive goes with the job
     assert not await redis.exists(keys.group_jobs(old_group))
     assert [await storage.exists(key) for key in old_objects] == [False] * 4
     for job_id in (recent, running):
         assert await redis.hget(keys.job(job_id), "project") == PROJECT
         assert await redis.zscore(keys.project_jobs(PROJECT), job_id) is not None
         assert all(await objects_of(storage, redis, job_id))
+        assert await storage.exists(keys.archive_object(job_id))
     assert await redis.hgetall(keys.project_counts(PROJECT)) == {"completed": "1", "failed": "0", "processing": "1"}
     assert not await redis.smembers(keys.PURGING)
 
