@@ -252,9 +252,6 @@ class JobStore:
         """Paused: runs in flight finish, no new run of the project starts until resumed."""
         await scripts.SET_PAUSED(self.redis, [keys.project_paused(project)], [project, int(paused)])
 
-    async def paused(self, project: str) -> bool:
-        return bool(await self.redis.exists(keys.project_paused(project)))
-
     async def set_weights(self, weights: dict[str, float]) -> None:
         """The operator's fair-share weights (every other project weighs 1)."""
         args: list[Any] = []
