@@ -76,10 +76,8 @@ async def test_a_hog_at_top_priority_cannot_starve_a_small_job(stack: Stack) -> 
     small_at = next(run["received_at"] for run in runs if run["input"]["job_id"] == small)
     hog_between = [run for run in runs if run["input"]["job_id"] == hog_job and submitted_at < run["received_at"]]
     hog_between = [run for run in hog_between if run["received_at"] < small_at]
-    # The first slot that frees goes to the newcomer. What may reach RunPod first: a hog run claimed
-    # just before the submission, and one claimed in the same pass right after the newcomer's, whose
-    # /run call can overtake it on the wire. Without fair share it would be all 1,000.
-    assert len(hog_between) <= 2, f"{len(hog_between)} of the hog's runs started first"
+    # The first slot that frees goes to the newcomer: at most a claim already on the wire comes first.
+    assert len(hog_between) <= 1, f"{len(hog_between)} of the hog's runs started first"
     assert (await hog.post(f"/api/jobs/{hog_job}/cancel")).status_code == 200
     await emulator(stack, "gemini", "POST", "/_emulator/config", {"latency_ms": 0})
 
