@@ -182,6 +182,7 @@ def start_stack(
         "BUNCH_RUNPOD_API_KEY": EMULATOR_KEY,
         "BUNCH_RUNPOD_ENDPOINT_ID": "local",
         "BUNCH_WEBHOOK_SECRET": "local-webhook-secret",
+        "BUNCH_ENV": "development",  # the secrets above are published: only a local stack may use them
         **(service_env or {}),
     }
     stack = Stack(

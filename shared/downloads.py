@@ -10,6 +10,7 @@ from pydantic import BaseModel, field_validator
 from redis.asyncio import Redis
 
 from shared import keys
+from shared.ids import is_id
 
 
 class DownloadStatus(StrEnum):
@@ -65,6 +66,8 @@ async def create_download(redis: Redis, project: str, group_ids: list[str]) -> D
 
 
 async def load_download(redis: Redis, download_id: str) -> DownloadRecord | None:
+    if not is_id(download_id):
+        return None
     raw = await redis.hgetall(keys.download(download_id))
     if not raw:
         return None

@@ -5,6 +5,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from shared.ids import Id
+
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
@@ -57,7 +59,7 @@ class ImageStatus(StrEnum):
 
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000)]
 GroupName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-UploadId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+UploadId = Id
 
 
 class GenerationParams(BaseModel):
@@ -91,7 +93,7 @@ class AutomaticJobRequest(BaseModel):
     base_prompt: Prompt
     # Either the inputs themselves or a dataset; the gateway turns a dataset into its input ids.
     input_ids: list[UploadId] = Field(default_factory=list)
-    dataset_id: str | None = Field(None, max_length=64)
+    dataset_id: Id | None = None
     variations_per_image: int = Field(1, ge=1, le=16)
     priority: int = Field(10, ge=0, le=1000)
     params: GenerationParams = Field(default_factory=GenerationParams)
@@ -128,14 +130,20 @@ class RunInput(BaseModel):
 
 
 class ImageOutcome(BaseModel):
-    """One image of a worker's result (RunPod `output.images[]`)."""
+    """One image of a worker's result (RunPod `output.images[]`).
 
-    index: int
+    Bounded because anyone holding a run's webhook token can write it: a negative token count
+    would subtract from the project's figures, and an unbounded string is stored with the image.
+    Strict numbers: a worker sends JSON integers, so `true`, `1.5` or `"7"` are not a count. The
+    limits an operator sets (largest image, most tokens) are checked by the dispatcher.
+    """
+
+    index: int = Field(strict=True, ge=0)
     status: Literal["succeeded", "failed"]
-    error: str | None = None
-    detail: str | None = None
-    mime_type: str | None = None
-    bytes: int | None = None
-    crc32: int | None = None
-    prompt_tokens: int = 0
-    output_tokens: int = 0
+    error: str | None = Field(None, pattern=r"^[a-z0-9_]{1,64}$")
+    detail: str | None = Field(None, max_length=1000)
+    mime_type: str | None = Field(None, max_length=100)
+    bytes: int | None = Field(None, strict=True, ge=1)
+    crc32: int | None = Field(None, strict=True, ge=0, le=0xFFFFFFFF)
+    prompt_tokens: int = Field(0, strict=True, ge=0)
+    output_tokens: int = Field(0, strict=True, ge=0)

@@ -10,6 +10,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BUNCH_", env_file=".env", extra="ignore")
 
+    # "development" lets the services start with the well-known local secrets (`make dev`, tests);
+    # anywhere else they refuse to start with an empty or published secret (shared/secret_policy.py).
+    env: Literal["development", "production"] = "production"
+
     # --- Redis and object storage (the state of record) ---
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("BUNCH_REDIS_URL", "REDIS_URL"))
     s3_endpoint: str = Field("http://127.0.0.1:9000", validation_alias=AliasChoices("BUNCH_S3_ENDPOINT", "S3_ENDPOINT"))
@@ -33,8 +37,25 @@ class Settings(BaseSettings):
     api_keys: SecretStr = SecretStr("")
     # Base URL RunPod calls back on; the gateway's address as seen from RunPod.
     public_url: str = "http://127.0.0.1:8000"
-    webhook_secret: SecretStr = SecretStr("dev-webhook-secret-change-me")
+    webhook_secret: SecretStr = SecretStr("")
     webhook_token_ttl_seconds: int = 7 * 24 * 3600
+
+    # --- gateway server --- (services/gateway/server.py)
+    # A request's headers must be in this long after connecting or after the previous response.
+    gateway_header_timeout_seconds: float = Field(10.0, gt=0)
+    # A body with no bytes for this long while the gateway waits for them is dropped; so is one
+    # slower on average than the minimum rate past that time (0: no minimum).
+    gateway_body_timeout_seconds: float = Field(20.0, gt=0)
+    gateway_body_min_bytes_per_second: int = Field(1024, ge=0)
+    # An idle keep-alive connection is closed after this long.
+    gateway_keep_alive_seconds: int = Field(5, ge=1)
+    # Requests in the app at once per process, SSE streams left out (more get 503): 512 is over
+    # twice the 200 clients bench/ runs, and at ~1 MiB each (a JSON body, a multipart part before it
+    # is spooled to disk) fits the 1 GiB memory limit of deploy/k8s/gateway.yaml.
+    gateway_max_concurrent_requests: int = Field(512, ge=1)
+    # Open client connections per process (more are closed at once), bounded further by the process's
+    # RLIMIT_NOFILE: the gateway raises its soft limit to the hard one (up to 65536) at start.
+    gateway_max_connections: int = Field(4096, ge=1)
 
     # --- input limits ---
     max_upload_bytes: int = 20 * 1024 * 1024
@@ -74,6 +95,13 @@ class Settings(BaseSettings):
     poll_interval_seconds: float = 5.0
     execution_timeout_seconds: int = 600
     run_ttl_seconds: int = 24 * 3600
+    # What a worker reports is checked before it is stored (anyone holding a run's webhook token can
+    # report): a claimed image larger than this, or a token count above the next, fails that image.
+    # Gemini's image models return a few MB and take at most ~65k tokens per call.
+    max_result_image_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_result_tokens: int = Field(1_000_000, ge=0)
+    # Stored images checksummed at once per dispatcher (each streams its object in 256 KiB chunks).
+    result_verify_concurrency: int = Field(8, ge=1)
 
     # --- RunPod ---
     runpod_base_url: str = Field(
@@ -112,9 +140,21 @@ class Settings(BaseSettings):
     # Master key of the per-project signing secrets (services/packager/notifier.py); when unset it is
     # derived from webhook_secret, which itself is never handed out (it signs RunPod callback tokens).
     user_webhook_secret: SecretStr | None = None
+    # During a rotation of the master key above: the old one, whose signatures are sent beside the
+    # new ones (two `v1=` in Bunch-Signature) until every receiver has the new project secret.
+    user_webhook_secret_previous: SecretStr | None = None
+    # Bearer token Prometheus sends to the gateway's /metrics (every project's counts); unset, the
+    # route answers only in development.
+    metrics_token: SecretStr | None = None
 
     # --- Server-Sent Events ---
     sse_keepalive_seconds: float = Field(15.0, gt=0)
+    # Events held for one stream whose client is behind; a client further behind is cut (its stream
+    # ends and EventSource resumes with Last-Event-ID from the stream in Redis).
+    sse_client_buffer: int = Field(1000, ge=1)
+    # Event streams one project may hold open at once, per gateway process (each replica counts its
+    # own); more get 429 with Retry-After.
+    sse_max_streams_per_project: int = Field(100, ge=1)
 
     # --- datasets and retention ---
     # Finished jobs (and downloads) older than this are deleted with their objects.
@@ -124,6 +164,17 @@ class Settings(BaseSettings):
     retention_run_at_startup: bool = False  # also purge once when the packager starts
     max_dataset_entries: int = Field(50_000, ge=1)  # entries of one dataset ZIP, directories included
     max_dataset_bytes: int = Field(20 * 1024**3, ge=1)  # uncompressed total of one dataset
+    # What checking one dataset's images may cost a gateway (over either: 413, nothing stored). Pixels
+    # are counted from each distinct image's header before it is decoded; the default is a full
+    # dataset (max_inputs_per_job) of 4-megapixel images, so only the size of a dataset bounds it.
+    max_dataset_pixels: int = Field(80_000_000_000, ge=1)
+    # CPU seconds of reading and decoding one dataset's images: ~20 ns for each pixel of the budget
+    # above, twice what photos cost on a slow core, so it is met first only by files that are costly
+    # per pixel (a progressive JPEG of many scans).
+    dataset_cpu_seconds: float = Field(1800.0, gt=0)
+    # Threads per gateway process that read and decode dataset images, shared by every request (one
+    # project uses one at a time) and at a lower CPU priority, so other requests keep the other cores.
+    dataset_decode_threads: int = Field(1, ge=1)
 
     # --- Redis memory ---
     # New jobs (and redos) are refused with 503 while Redis uses more than this fraction of its

@@ -13,6 +13,9 @@ from deploy.stack import Stack
 from shared.settings import Settings
 from shared.storage import Storage
 
+# In-process services and Settings() in tests use the local stack's published secrets.
+os.environ.setdefault("BUNCH_ENV", "development")
+
 LOG_TAIL_LINES = 60
 
 

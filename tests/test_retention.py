@@ -167,6 +167,7 @@ async def test_the_packager_schedules_the_purge_and_stops_cleanly(
             "BUNCH_REDIS_URL": retention_settings.redis_url,
             "BUNCH_S3_ENDPOINT": retention_settings.s3_endpoint,
             "BUNCH_RETENTION_RUN_AT_STARTUP": "true",
+            "BUNCH_ENV": "development",
             "BUNCH_CONSUMER_NAME": "packager-retention-test",
         }
     )

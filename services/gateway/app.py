@@ -24,16 +24,24 @@ from services.gateway import (
     uploads,
     webhooks,
 )
+from services.gateway.auth import ApiKeyMiddleware, ApiKeys
 from services.gateway.deps import Services
 from services.gateway.http_errors import method_not_allowed
 from services.gateway.limits import BodyLimitMiddleware, body_limits
+from services.gateway.project_slots import ProjectSlots
+from services.gateway.security_headers import SecurityHeaders
 from shared.archive import JobArchive
 from shared.errors import BunchError, OverQuota
 from shared.jobstore import JobStore
 from shared.lifecycle import settle_garbage_collector
+from shared.secret_policy import refuse_unsafe_secrets
 from shared.settings import Settings, get_settings
 from shared.storage import Storage
 from shared.streams import connect
+
+# Heavy reads (pages of results) one project may have in progress per process: another project's
+# request then waits behind at most two pages.
+HEAVY_READS_PER_PROJECT = 2
 
 
 def _readable(exc: RequestValidationError) -> str:
@@ -66,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        refuse_unsafe_secrets(settings)
         redis = connect(settings)
         storage = Storage(settings)
         await storage.ensure_bucket()
@@ -74,7 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.storage = storage
         app.state.store = JobStore(redis, settings, JobArchive(storage))
         app.state.services = Services(settings, redis, app.state.store, storage)
-        app.state.projects = settings.project_for_key()
+        app.state.api_keys = api_keys
+        app.state.heavy_reads = ProjectSlots(HEAVY_READS_PER_PROJECT)
         settle_garbage_collector()
         yield
         await redis.aclose()
@@ -92,6 +102,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(405, method_not_allowed)
     app.add_exception_handler(BunchError, _refused)
     app.add_middleware(BodyLimitMiddleware, limits=body_limits(settings))
+    # Added after the body limit, so it runs before it: nothing of an unauthenticated body is read.
+    api_keys = ApiKeys(settings.project_for_key())
+    app.add_middleware(ApiKeyMiddleware, keys=api_keys)
     for error in (MinioException, urllib3.exceptions.HTTPError, RedisConnectionError, RedisTimeoutError):
         app.add_exception_handler(error, _dependency_down)
     # Routes are matched in order, twice per request: the job routes (status polling, submission)
@@ -109,5 +122,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router)
     app.include_router(console.router)
     app.mount("/console/static", console.assets, name="console-static")
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(metrics.RequestMetrics)
     return app

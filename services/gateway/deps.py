@@ -6,9 +6,9 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
 from fastapi.security.base import SecurityBase
-from fastapi.security.utils import get_authorization_scheme_param
 from redis.asyncio import Redis
 
+from services.gateway.auth import PROJECT_SCOPE_KEY, UNAUTHENTICATED_HEADERS, authenticate
 from shared.jobstore import JobStore
 from shared.settings import Settings
 from shared.storage import Storage
@@ -47,7 +47,8 @@ async def get_storage(request: Request) -> Storage:
 
 
 class ApiKey(SecurityBase):
-    """The caller's project, from the API key sent as 'Authorization: Bearer <key>'.
+    """The caller's project, as services/gateway/auth.py's middleware found it from the API key sent
+    as 'Authorization: Bearer <key>' (before the body was read).
 
     One dependency that is also the OpenAPI security scheme (named HTTPBearer, as FastAPI's own
     class would be): FastAPI's HTTPBearer with a project lookup on top would be two, and FastAPI
@@ -59,18 +60,11 @@ class ApiKey(SecurityBase):
         self.scheme_name = "HTTPBearer"
 
     async def __call__(self, request: Request) -> str:
-        scheme, credentials = get_authorization_scheme_param(request.headers.get("Authorization"))
-        if not (scheme and credentials) or scheme.lower() != "bearer":
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "Missing API key: send it as 'Authorization: Bearer <key>'.",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        project: str | None = request.app.state.projects.get(credentials)
-        if project is None:
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED, "Unknown API key.", headers={"WWW-Authenticate": "Bearer"}
-            )
+        project: str | None = request.scope.get(PROJECT_SCOPE_KEY)
+        if project is None:  # a route outside the middleware's prefix: check here
+            project, problem = authenticate(request.app.state.api_keys, request.headers.get("Authorization", ""))
+            if project is None:
+                raise HTTPException(status.HTTP_401_UNAUTHORIZED, problem, headers=UNAUTHENTICATED_HEADERS)
         return project
 
 

@@ -9,6 +9,7 @@ from services.gateway.deps import ProjectDep, RedisDep, StorageDep
 from services.gateway.groups import load_group
 from services.gateway.schemas import API_PROBLEMS, JsonRequest, problems
 from shared.downloads import DownloadRecord, DownloadStatus, create_download, load_download
+from shared.ids import Id
 from shared.storage import Storage
 
 router = APIRouter(prefix="/api/downloads", tags=["downloads"], responses=API_PROBLEMS)
@@ -20,7 +21,7 @@ MAX_GROUPS = 100
 class DownloadRequest(JsonRequest):
     model_config = ConfigDict(extra="forbid")
 
-    group_ids: list[str] = Field(min_length=1, max_length=MAX_GROUPS)
+    group_ids: list[Id] = Field(min_length=1, max_length=MAX_GROUPS)
 
 
 class DownloadAccepted(BaseModel):

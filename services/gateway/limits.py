@@ -4,7 +4,8 @@ JSON routes accept what the largest valid request weighs (every prompt at its lo
 with JSON escapes, or every input id of the largest job), and no more. Uploads and datasets are
 multipart: the parser spools their files to disk and each file is checked on its own, so their
 limit is what a full request of them may weigh. The RunPod webhook accepts 1 MiB. Beyond its limit
-a request gets 413 with a message, before its body is parsed.
+a request gets 413 with a message, before its body is parsed; a JSON body nested deeper than
+shared/bounded_json.py's MAX_DEPTH gets 400, also before it is parsed.
 """
 
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway import uploads, webhooks
+from shared import bounded_json
 from shared.settings import Settings
 
 KIB = 1024
@@ -67,6 +69,25 @@ def body_limits(settings: Settings) -> BodyLimits:
     )
 
 
+def _is_json(scope: Scope) -> bool:
+    """Whether the body will be parsed as JSON: a JSON media type, or none at all (FastAPI then
+    parses it as JSON too)."""
+    if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+        return False
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            media_type = value.split(b";", 1)[0].strip().lower()
+            return media_type == b"application/json" or media_type.endswith(b"+json")
+    return True
+
+
+def _check_depth(body: bytes) -> None:
+    # Before any parser recurses: Python's json recurses per level (RecursionError past ~1,000, a
+    # 500), and no Bunch body is deeper than a handful of levels.
+    if bounded_json.depth(body) > bounded_json.MAX_DEPTH:
+        raise HTTPException(400, f"The JSON body nests deeper than {bounded_json.MAX_DEPTH} levels.")
+
+
 def _declared_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
@@ -105,16 +126,22 @@ class BodyLimitMiddleware:
             await response(scope, receive, send)
             return
         received = 0
+        json_chunks: list[bytes] | None = [] if _is_json(scope) else None
 
         async def limited_receive() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                received += len(chunk)
                 if received > limit:
                     if message.get("more_body", False):
                         await _drain(receive, DRAIN_LIMIT)
                     raise BodyTooLarge(limit)
+                if json_chunks is not None:
+                    json_chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        _check_depth(b"".join(json_chunks) if len(json_chunks) > 1 else chunk)
             return message
 
         await self.app(scope, limited_receive, send)

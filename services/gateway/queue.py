@@ -11,6 +11,7 @@ from services.gateway.deps import ProjectDep, RedisDep, SettingsDep, StoreDep
 from services.gateway.jobs import accept
 from services.gateway.schemas import API_PROBLEMS, JsonRequest, problems
 from shared import keys
+from shared.ids import ID_PATTERN, Id
 from shared.models import JobStatus
 
 router = APIRouter(prefix="/api/queue", tags=["queue"], responses=API_PROBLEMS)
@@ -25,7 +26,7 @@ class PauseState(BaseModel):
 class CancelMany(JsonRequest):
     model_config = ConfigDict(extra="forbid")
 
-    job_ids: list[str] | None = Field(None, max_length=10_000)
+    job_ids: list[Id] | None = Field(None, max_length=10_000)
 
 
 class CancelCount(BaseModel):
@@ -38,13 +39,16 @@ class RetryMany(JsonRequest):
         extra="forbid",
         json_schema_extra={
             "oneOf": [
-                {"required": ["job_id"], "properties": {"job_id": {"type": "string"}, "retry_all": {"const": False}}},
+                {
+                    "required": ["job_id"],
+                    "properties": {"job_id": {"type": "string", "pattern": ID_PATTERN}, "retry_all": {"const": False}},
+                },
                 {"required": ["retry_all"], "properties": {"retry_all": {"const": True}, "job_id": {"type": "null"}}},
             ]
         },
     )
 
-    job_id: str | None = Field(None, min_length=1)
+    job_id: Id | None = None
     retry_all: bool = False
 
     @model_validator(mode="after")
@@ -121,14 +125,12 @@ async def resume(project: ProjectDep, store: StoreDep) -> PauseState:
     return PauseState(paused=False)
 
 
-async def _project_job_ids(redis: RedisDep, project: str) -> list[str]:
-    return list(await redis.zrevrange(keys.project_jobs(project), 0, -1))
-
-
 @router.post("/cancel", response_model=CancelCount)
 async def cancel_many(body: CancelMany, project: ProjectDep, store: StoreDep, redis: RedisDep) -> CancelCount:
     """The named jobs, or every queued and processing job of the project."""
-    job_ids = body.job_ids if body.job_ids is not None else await _project_job_ids(redis, project)
+    # The project's live jobs come from their own index: the cost follows the work to cancel, never
+    # the project's history.
+    job_ids = body.job_ids if body.job_ids is not None else await redis.zrange(keys.project_live_jobs(project), 0, -1)
     count = 0
     for job in await store.get_many(job_ids):
         if job.project == project and job.status in (JobStatus.QUEUED, JobStatus.PROCESSING):
@@ -152,7 +154,7 @@ async def retry_many(
     else:
         candidates = [
             job
-            for job in await store.get_many(await _project_job_ids(redis, project))
+            for job in await store.get_many(await redis.zrange(keys.project_failed_jobs(project), 0, -1))
             if job.status == JobStatus.FAILED and not job.retried_by
         ]
     retried = []

@@ -15,6 +15,7 @@ from shared import keys, logs, metrics
 from shared.archive import JobArchive
 from shared.jobstore import JobStore
 from shared.lifecycle import run_until_signalled
+from shared.secret_policy import refuse_unsafe_secrets
 from shared.settings import get_settings
 from shared.storage import Storage
 from shared.streams import StreamConsumer, connect, consumer_name
@@ -22,6 +23,7 @@ from shared.streams import StreamConsumer, connect, consumer_name
 
 async def main() -> None:
     settings = get_settings()
+    refuse_unsafe_secrets(settings)
     redis = connect(settings)
     storage = Storage(settings)
     await storage.ensure_bucket()

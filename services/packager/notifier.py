@@ -49,7 +49,7 @@ from shared.settings import Settings
 from shared.storage import Storage
 from shared.streams import StreamConsumer, consumer_name
 from shared.webhook_safety import address_problem, check_webhook_url
-from shared.webhook_signing import project_webhook_secret, signature_header
+from shared.webhook_signing import project_signing_secrets, signature_header
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class Notifier:
         if done_delivery == delivery:
             return None  # a redelivered message: this ending was already handled
         body = json.dumps(build_body(job, self.storage, self.settings), separators=(",", ":")).encode()
-        outcome = await self.deliver(url, body, project_webhook_secret(self.settings, job.project), delivery)
+        outcome = await self.deliver(url, body, project_signing_secrets(self.settings, job.project), delivery)
         await self._record(
             keys=[keys.job(job_id)],
             args=[
@@ -250,7 +250,7 @@ class Notifier:
         )
         return outcome
 
-    async def deliver(self, url: str, body: bytes, secret: str, delivery: str) -> Outcome:
+    async def deliver(self, url: str, body: bytes, secrets: list[str], delivery: str) -> Outcome:
         """POST `body` to `url` until it is accepted (2xx) or settings.user_webhook_attempts are used up.
 
         Connection errors, timeouts, 5xx and 429 are retried with exponential backoff (429/503
@@ -270,7 +270,7 @@ class Notifier:
                 timestamp = int(time.time())
                 headers = {
                     "Content-Type": "application/json",
-                    SIGNATURE_HEADER: signature_header(secret, body, timestamp),
+                    SIGNATURE_HEADER: signature_header(secrets, body, timestamp),
                     DELIVERY_HEADER: delivery,
                     EVENT_HEADER: EVENT,
                 }

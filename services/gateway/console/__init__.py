@@ -11,6 +11,8 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from services.gateway.security_headers import console_policy
+
 HERE = Path(__file__).parent
 
 router = APIRouter(include_in_schema=False)
@@ -19,7 +21,8 @@ templates = Jinja2Templates(directory=HERE / "templates")
 
 
 def _page(request: Request, template: str) -> HTMLResponse:
-    return templates.TemplateResponse(request, template, headers={"Cache-Control": "no-cache"})
+    headers = {"Cache-Control": "no-cache", "Content-Security-Policy": console_policy(request.app.state.settings)}
+    return templates.TemplateResponse(request, template, headers=headers)
 
 
 @router.get("/", response_class=HTMLResponse)

@@ -109,6 +109,8 @@ function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [name, value] of Object.entries(attrs)) {
     if (name === "onclick") node.addEventListener("click", value);
+    // Through the CSSOM: the Content-Security-Policy refuses style attributes (style-src 'self').
+    else if (name === "width") node.style.width = value;
     else if (value !== undefined && value !== null && value !== false) node.setAttribute(name, value === true ? "" : value);
   }
   for (const child of children.flat()) if (child !== null && child !== undefined) node.append(child);
@@ -118,8 +120,8 @@ function el(tag, attrs = {}, ...children) {
 function progressBar(progress) {
   const total = progress.images_total || 1;
   return el("div", { class: "bar", title: `${progress.images_succeeded} done, ${progress.images_failed} failed of ${progress.images_total}` },
-    el("span", { style: `width:${(100 * (progress.images_succeeded + progress.images_failed)) / total}%` }),
-    el("span", { class: "failed", style: `width:${(100 * progress.images_failed) / total}%` }));
+    el("span", { width: `${(100 * (progress.images_succeeded + progress.images_failed)) / total}%` }),
+    el("span", { class: "failed", width: `${(100 * progress.images_failed) / total}%` }));
 }
 
 function eta(seconds) {
@@ -153,6 +155,26 @@ function thumbnails(images, { selectable = false } = {}) {
     box.append(caption);
     return box;
   });
+}
+
+// /results comes in pages: the first is shown, "Show more" appends the next one.
+async function showResults(jobId, container, { selectable = false } = {}) {
+  const first = await api(`/api/jobs/${jobId}/results?limit=200`);
+  const render = (page) => {
+    const nodes = thumbnails(page.images, { selectable });
+    if (page.next_cursor) {
+      const more = el("button", { type: "button", class: "more" }, "Show more");
+      more.onclick = async () => {
+        more.disabled = true;
+        const next = await api(`/api/jobs/${jobId}/results?limit=200&cursor=${encodeURIComponent(page.next_cursor)}`);
+        more.replaceWith(...render(next));
+      };
+      nodes.push(more);
+    }
+    return nodes;
+  };
+  container.replaceChildren(...render(first));
+  return first;
 }
 
 // --- semi-automatic page: submit jobs, and the live queue ---
@@ -247,10 +269,9 @@ async function control(jobId, action) {
 }
 
 async function showJob(jobId) {
-  const panel = $("#job-panel"), results = await api(`/api/jobs/${jobId}/results`);
+  const panel = $("#job-panel"), results = await showResults(jobId, $("#job-thumbs"), { selectable: true });
   panel.hidden = false;
   $("#job-title").textContent = `Job ${jobId.slice(0, 8)} — ${results.status}`;
-  $("#job-thumbs").replaceChildren(...thumbnails(results.images, { selectable: true }));
   $("#redo").onclick = async () => {
     const indices = [...document.querySelectorAll(".redo-pick:checked")].map((box) => Number(box.value));
     if (!indices.length) { showError($("#job-message"), new Error("Pick the images to redo first.")); return; }
@@ -307,7 +328,7 @@ function watchJob(jobId) {
   const panel = $("#progress-panel");
   panel.hidden = false;
   const refresh = coalesced(async () => {
-    const [status, results] = await Promise.all([api(`/api/jobs/${jobId}/status`), api(`/api/jobs/${jobId}/results`)]);
+    const [status] = await Promise.all([api(`/api/jobs/${jobId}/status`), showResults(jobId, $("#thumbs"))]);
     const p = status.progress;
     $("#job-status").replaceChildren(el("span", { class: `status ${status.status}` }, status.status));
     $("#job-bar").replaceChildren(progressBar(p));
@@ -316,7 +337,6 @@ function watchJob(jobId) {
       el("span", {}, "done ", el("b", {}, `${p.images_succeeded}`)), el("span", {}, "failed ", el("b", {}, `${p.images_failed}`)),
       el("span", {}, "total ", el("b", {}, `${p.images_total}`)), el("span", {}, "runs ", el("b", {}, `${p.runs_done}/${p.runs_total}`)),
       el("span", {}, "ETA ", el("b", {}, eta(status.eta_seconds) || "–")));
-    $("#thumbs").replaceChildren(...thumbnails(results.images));
     const download = $("#download");
     download.disabled = !status.zip.ready;
     download.onclick = () => { location.href = status.zip.url; };
@@ -365,11 +385,37 @@ async function groupsPage() {
   });
 }
 
+// A group's images come in pages like a job's results: "Show more" appends the next one. A page
+// looks at a bounded number of image slots, so it may hold none and still have a next one: those
+// are followed at once, a few at a time, rather than shown as empty.
+async function groupImages(groupId, cursor) {
+  let page;
+  for (let empty = 0; empty < 10; empty++) {
+    const after = cursor ? `&image_cursor=${encodeURIComponent(cursor)}` : "";
+    page = await api(`/api/groups/${groupId}?job_limit=0&image_limit=200${after}`);
+    if (page.images.length || !page.next_image_cursor) break;
+    cursor = page.next_image_cursor;
+  }
+  return page;
+}
+
 async function showGroup(groupId) {
-  const group = await api(`/api/groups/${groupId}`);
+  const first = await groupImages(groupId);
+  const render = (page) => {
+    const nodes = thumbnails(page.images.map((image) => ({ ...image, status: "succeeded" })));
+    if (page.next_image_cursor) {
+      const more = el("button", { type: "button", class: "more" }, "Show more");
+      more.onclick = async () => {
+        more.disabled = true;
+        more.replaceWith(...render(await groupImages(groupId, page.next_image_cursor)));
+      };
+      nodes.push(more);
+    }
+    return nodes;
+  };
   $("#group-panel").hidden = false;
-  $("#group-title").textContent = `${group.name} — ${group.images_total} image(s) in ${group.jobs.length} job(s)`;
-  $("#group-thumbs").replaceChildren(...thumbnails(group.images.map((image) => ({ ...image, status: "succeeded" }))));
+  $("#group-title").textContent = `${first.name} — ${first.images_total} image(s) in ${first.job_count} job(s)`;
+  $("#group-thumbs").replaceChildren(...render(first));
 }
 
 document.addEventListener("DOMContentLoaded", () => {
