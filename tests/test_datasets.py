@@ -142,6 +142,37 @@ async def test_zip_entries_are_each_checked_and_bad_ones_reported(api: httpx.Asy
         assert (await other.get(f"/api/datasets/{body['id']}")).status_code == 404
 
 
+async def test_dataset_ids_are_checked_before_they_name_a_key(api: httpx.AsyncClient, redis: Redis) -> None:
+    dataset = await post_zip(api, build_zip([("a.png", png_bytes(20, 20, seed=77))]))
+    assert dataset.status_code == 201, dataset.text
+    dataset_id = dataset.json()["id"]
+    # `<id>:inputs` names the dataset's list of inputs: read as a dataset it was a WRONGTYPE error.
+    for malformed in (f"{dataset_id}:inputs", dataset_id.upper(), f"{dataset_id}*", "*", dataset_id[:-1]):
+        response = await api.get(f"/api/datasets/{malformed}")
+        assert response.status_code == 404, (malformed, response.text)
+        assert response.json()["detail"] == "No such dataset in this project."
+        assert await dataset_input_ids(redis, "project-a", malformed) is None
+    assert (await api.get(f"/api/datasets/{dataset_id}")).status_code == 200
+    assert await dataset_input_ids(redis, "project-a", dataset_id) == [upload_id(png_bytes(20, 20, seed=77))]
+
+
+async def test_copies_in_many_files_are_reported_and_checked_once(api: httpx.AsyncClient, redis: Redis) -> None:
+    good, bad = png_bytes(20, 20, seed=78), b"not an image at all"
+    named = [("a.png", good), ("bad.png", bad), ("b.png", good), ("bad-again.png", bad), ("c.png", good)]
+    files = [("files", (name, data, "image/png")) for name, data in named]
+    response = await api.post("/api/datasets", files=files)
+    assert response.status_code == 201, response.text
+    assert response.json()["count"] == 1
+    # A copy of a refused file is refused for the same reason, without being checked again.
+    assert response.json()["rejected"] == [
+        {"name": "bad.png", "reason": "the file is not an image"},
+        {"name": "b.png", "reason": "same image as a.png"},
+        {"name": "bad-again.png", "reason": "the file is not an image"},
+        {"name": "c.png", "reason": "same image as a.png"},
+    ]
+    assert await dataset_input_ids(redis, "project-a", response.json()["id"]) == [upload_id(good)]
+
+
 async def test_many_files_make_a_dataset_too(api: httpx.AsyncClient, redis: Redis) -> None:
     images = [png_bytes(20, 20, seed=s) for s in range(10, 14)]
     files = [("files", (f"img{i}.png", data, "image/png")) for i, data in enumerate(images)]

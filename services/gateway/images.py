@@ -3,6 +3,7 @@
 import hashlib
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
@@ -31,8 +32,30 @@ class CheckedImage:
         return self.sha256[:32]
 
 
-def check_image(data: bytes, max_bytes: int, max_pixels: int) -> CheckedImage:
-    """Blocking (decodes the whole image): run it in a thread."""
+def declared_pixels(data: bytes) -> int | None:
+    """Width x height from the image's header alone (no decode), or None if it cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = Image.open(io.BytesIO(data)).size
+    except Exception:  # anything Pillow raises on a hostile header: check_image says why
+        return None
+    return int(width * height)
+
+
+def check_image(
+    data: bytes,
+    max_bytes: int,
+    max_pixels: int,
+    *,
+    sha256: str | None = None,
+    before_decode: Callable[[int, int], None] | None = None,
+) -> CheckedImage:
+    """Blocking (decodes the whole image): run it in a thread.
+
+    `sha256` is the data's digest when the caller has it already (datasets hash every entry to drop
+    copies before decoding them). `before_decode(width, height)` runs once the header has been read
+    and judged, before the pixels are decoded: a budget it raises on is never spent."""
     if not data:
         raise ImageRejected(422, "the file is empty")
     if len(data) > max_bytes:
@@ -51,6 +74,8 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int) -> CheckedImage:
                 raise ImageRejected(415, f"{image.format} images are not supported; use PNG, JPEG or WEBP")
             if getattr(image, "n_frames", 1) > 1 and not jpeg_with_extras:
                 raise ImageRejected(415, "animated images are not supported")
+            if before_decode is not None:
+                before_decode(width, height)
             image.load()  # decodes every pixel (of the first frame): catches truncated and corrupt files
     except ImageRejected:
         raise
@@ -61,7 +86,7 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int) -> CheckedImage:
         raise ImageRejected(415 if isinstance(exc, UnidentifiedImageError) else 422, f"the file is {reason}") from None
     fmt = "JPEG" if jpeg_with_extras else str(image.format)
     return CheckedImage(
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=sha256 or hashlib.sha256(data).hexdigest(),
         width=width,
         height=height,
         format=fmt.lower(),

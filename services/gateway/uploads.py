@@ -3,17 +3,22 @@
 import asyncio
 import json
 import time
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, File, HTTPException, UploadFile, status
 from redis.asyncio import Redis
 
+from services.gateway.dataset_costs import run_blocking
 from services.gateway.deps import ProjectDep, RedisDep, SettingsDep, StorageDep
-from services.gateway.images import CheckedImage, ImageRejected, check_image
+from services.gateway.images import CheckedImage, ImageRejected, check_image, declared_pixels
 from services.gateway.schemas import API_PROBLEMS, UploadInfo, UploadsCreated, problems
 from shared import keys, scripts
 from shared.scripts import Answer
 from shared.storage import Storage
+
+# Images up to this size are checked at once (a few tens of ms of one thread), larger ones in turns.
+INLINE_DECODE_PIXELS = 4_000_000
 
 router = APIRouter(prefix="/api", tags=["uploads"], responses=API_PROBLEMS)
 
@@ -57,7 +62,13 @@ async def create_uploads(
     for file in files:
         data = await read_limited(file, settings.max_upload_bytes)
         try:
-            image = await asyncio.to_thread(check_image, data, settings.max_upload_bytes, settings.max_upload_pixels)
+            check = partial(check_image, data, settings.max_upload_bytes, settings.max_upload_pixels)
+            if (declared_pixels(data) or INLINE_DECODE_PIXELS + 1) <= INLINE_DECODE_PIXELS:
+                image = await asyncio.to_thread(check)
+            else:
+                # Large (or unreadable) images wait their turn in the pool datasets decode in, on a
+                # low-priority thread, instead of taking every core from other projects.
+                image = await run_blocking(project, settings.dataset_decode_threads, None, check)
         except ImageRejected as exc:
             raise HTTPException(exc.status_code, f"{file.filename or 'file'}: {exc.reason}") from None
         checked.append((image, data))
