@@ -7,6 +7,7 @@ shared.presign where minio would address the endpoint path-style, by minio elsew
 
 import asyncio
 import io
+import zlib
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any, BinaryIO
@@ -18,6 +19,9 @@ from minio.error import S3Error
 
 from shared.presign import Presigner, path_style_endpoint
 from shared.settings import Settings
+
+# The codes S3 servers answer for an object that does not exist.
+MISSING = frozenset({"NoSuchKey", "NoSuchObject", "ResourceNotFound"})
 
 
 def _client(endpoint_url: str, settings: Settings, http: urllib3.PoolManager | None = None) -> Minio:
@@ -82,6 +86,46 @@ class Storage:
                 return False
             raise
         return True
+
+    async def size(self, key: str) -> int | None:
+        """The object's size in bytes (one HEAD), None if there is no such object."""
+        try:
+            stat = await asyncio.to_thread(self.client.stat_object, self.bucket, key)
+        except S3Error as exc:
+            if exc.code in MISSING:
+                return None
+            raise
+        return stat.size or 0
+
+    async def checksum(self, key: str, limit: int | None = None) -> tuple[int, int] | None:
+        """(size, CRC-32) of the object, streamed in chunks; None if there is no such object.
+
+        Reading stops once more than `limit` bytes came: the size returned then exceeds `limit`
+        but is not the object's, which is all a caller comparing against `limit` needs to know.
+        """
+        try:
+            return await asyncio.to_thread(self._checksum, key, limit)
+        except S3Error as exc:
+            if exc.code in MISSING:
+                return None
+            raise
+
+    def _checksum(self, key: str, limit: int | None) -> tuple[int, int]:
+        size, crc = 0, 0
+        response = self.client.get_object(self.bucket, key)
+        try:
+            for chunk in response.stream(256 * 1024):
+                size += len(chunk)
+                crc = zlib.crc32(chunk, crc)
+                if limit is not None and size > limit:
+                    response.close()  # left half-read: that connection cannot serve another request
+                    break
+        except BaseException:
+            response.close()
+            raise
+        finally:
+            response.release_conn()
+        return size, crc
 
     async def get_bytes(self, key: str) -> bytes:
         def read() -> bytes:

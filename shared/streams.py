@@ -83,6 +83,7 @@ class StreamConsumer:
         max_deliveries: int = 10,
         heartbeat: bool = False,
         forget_idle_ms: int | None = None,
+        concurrency: int = 1,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -94,6 +95,9 @@ class StreamConsumer:
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
         self.heartbeat = heartbeat
+        # Messages of one read handled at once: for handlers that wait on I/O per message and do
+        # not depend on each other's order.
+        self.concurrency = concurrency
         # Far beyond a live consumer's idle time (one blocking read), so only the departed qualify.
         self.forget_idle_ms = forget_idle_ms or max(10 * claim_idle_ms, 300_000)
         # Handled but not yet acknowledged: the XACK rides along with the next read. Until then a
@@ -190,23 +194,38 @@ class StreamConsumer:
         return kept
 
     async def _handle_all(self, messages: list[tuple[str, Fields]]) -> None:
-        for message_id, fields in messages:
-            try:
-                if self.heartbeat:
-                    await self._handle_with_heartbeat(message_id, fields)
-                else:
-                    await self.handler(fields)
-            except (RedisConnectionError, RedisTimeoutError):
-                raise
-            except Exception:
-                # Left pending: another delivery (after claim_idle_ms) tries again.
-                log.exception("handler failed for %s %s", self.stream, message_id)
-                continue
+        if self.concurrency == 1:
+            for message_id, fields in messages:
+                await self._handle_one(message_id, fields)
+            return
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def one(message_id: str, fields: Fields) -> None:
+            async with slots:
+                await self._handle_one(message_id, fields)
+
+        outcomes = await asyncio.gather(*(one(*message) for message in messages), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome  # Redis is down: the rest stay pending and come again
+
+    async def _handle_one(self, message_id: str, fields: Fields) -> None:
+        try:
             if self.heartbeat:
-                # Long work: acknowledged at once, or it would idle unclaimed behind the next one.
-                await self.redis.xack(self.stream, self.group, message_id)
+                await self._handle_with_heartbeat(message_id, fields)
             else:
-                self._handled.append(message_id)
+                await self.handler(fields)
+        except (RedisConnectionError, RedisTimeoutError):
+            raise
+        except Exception:
+            # Left pending: another delivery (after claim_idle_ms) tries again.
+            log.exception("handler failed for %s %s", self.stream, message_id)
+            return
+        if self.heartbeat:
+            # Long work: acknowledged at once, or it would idle unclaimed behind the next one.
+            await self.redis.xack(self.stream, self.group, message_id)
+        else:
+            self._handled.append(message_id)
 
     async def _handle_with_heartbeat(self, message_id: str, fields: Fields) -> None:
         """Keep re-claiming a long-running message so live work is never taken over as abandoned."""

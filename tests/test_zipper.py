@@ -6,13 +6,14 @@ import json
 import os
 import tracemalloc
 import zipfile
+import zlib
 from datetime import UTC, datetime
 
 import pytest
 from minio.error import S3Error
 from PIL import Image
 
-from services.packager.zipper import ZipEntry, safe_zip_path, write_zip
+from services.packager.zipper import ObjectMismatch, ZipEntry, safe_zip_path, write_zip
 from shared.storage import Storage
 
 MIB = 1024 * 1024
@@ -174,3 +175,33 @@ def test_safe_zip_path_truncates_keeping_extension() -> None:
     name = safe_zip_path("x" * 300 + ".png")
     assert len(name) == 100 and name.endswith(".png")
     assert len(safe_zip_path("y" * 300)) == 100
+
+
+@pytest.mark.parametrize(
+    ("size_change", "crc_change", "expected"),
+    [(0, 1, "CRC-32"), (-1, 0, "more than"), (1, 0, "bytes, ")],
+)
+async def test_an_object_unlike_its_recorded_size_and_crc_is_named(
+    storage: Storage, size_change: int, crc_change: int, expected: str
+) -> None:
+    # The packager fails just that image when told which object it was (stream-zip's own error
+    # does not say); the archive is not written.
+    data = os.urandom(MIB)
+    await storage.put_bytes("zt/mismatch/good.bin", data, "application/octet-stream")
+    await storage.put_bytes("zt/mismatch/bad.bin", data, "application/octet-stream")
+    crc = zlib.crc32(data)
+    entries = [
+        ZipEntry(name="good.bin", object_key="zt/mismatch/good.bin", modified_at=WHEN, size=MIB, crc32=crc),
+        ZipEntry(
+            name="bad.bin",
+            object_key="zt/mismatch/bad.bin",
+            modified_at=WHEN,
+            size=MIB + size_change,
+            crc32=crc ^ crc_change,
+        ),
+    ]
+    with pytest.raises(ObjectMismatch) as raised:
+        await asyncio.to_thread(write_zip, storage, "zt/mismatch.zip", entries, PART_SIZE)
+    assert raised.value.object_key == "zt/mismatch/bad.bin"
+    assert expected in raised.value.detail
+    assert not await storage.exists("zt/mismatch.zip")

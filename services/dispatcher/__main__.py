@@ -13,6 +13,7 @@ from services.dispatcher.runpod_client import RunPodClient
 from shared import keys, logs, metrics
 from shared.jobstore import JobStore
 from shared.lifecycle import run_until_signalled, settle_garbage_collector
+from shared.secret_policy import refuse_unsafe_secrets
 from shared.settings import get_settings
 from shared.storage import Storage
 from shared.streams import StreamConsumer, connect, consumer_name
@@ -20,6 +21,7 @@ from shared.streams import StreamConsumer, connect, consumer_name
 
 async def main() -> None:
     settings = get_settings()
+    refuse_unsafe_secrets(settings)
     redis = connect(settings)
     store = JobStore(redis, settings)
     await store.set_weights(settings.weight_by_project())
@@ -36,7 +38,7 @@ async def main() -> None:
         )
         configs = ConfigCache(store)
         dispatcher = Dispatcher(store, configs, storage, runpod, settings, wakeup)
-        results = ResultHandler(store, configs, settings, dispatcher.complete)
+        results = ResultHandler(store, configs, settings, dispatcher.complete, storage)
 
         async def admit(fields: dict[str, str]) -> None:
             if await store.admit(fields["job_id"]):
@@ -48,8 +50,16 @@ async def main() -> None:
 
         idle = settings.stream_claim_idle_ms
         jobs = StreamConsumer(redis, keys.JOBS_STREAM, keys.DISPATCHER_GROUP, name, admit, claim_idle_ms=idle)
+        # Concurrent: each result waits on object storage (services/dispatcher/verify.py), and
+        # results of different runs do not depend on each other.
         outcomes = StreamConsumer(
-            redis, keys.TASK_RESULTS_STREAM, keys.DISPATCHER_GROUP, name, record_result, claim_idle_ms=idle
+            redis,
+            keys.TASK_RESULTS_STREAM,
+            keys.DISPATCHER_GROUP,
+            name,
+            record_result,
+            claim_idle_ms=idle,
+            concurrency=settings.result_verify_concurrency,
         )
         control = StreamConsumer(
             redis, keys.CONTROL_STREAM, keys.DISPATCHER_GROUP, name, dispatcher.handle_control, claim_idle_ms=idle

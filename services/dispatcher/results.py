@@ -6,14 +6,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pydantic import ValidationError
-
 from services.dispatcher.backoff import backoff_delay
 from services.dispatcher.configs import ConfigCache
+from services.dispatcher.verify import ResultVerifier, parse_outcomes
 from shared import keys, metrics
 from shared.jobstore import Completion, ImageRecord, JobStore
-from shared.models import ImageOutcome, ImageStatus, RunStatus
+from shared.models import ImageStatus, RunStatus
 from shared.settings import Settings
+from shared.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,14 @@ class ResultHandler:
         configs: ConfigCache,
         settings: Settings,
         complete: Callable[[Completion], Awaitable[bool]],
+        storage: Storage,
     ) -> None:
         self.store = store
         self.configs = configs
         self.settings = settings
         # Dispatcher.complete: the outcome is stored in the same round trip as the next claims.
         self.complete = complete
+        self.verifier = ResultVerifier(storage, settings)
 
     async def __call__(self, fields: dict[str, str]) -> None:
         run_id, attempt = fields["run_id"], int(fields["attempt"])
@@ -48,42 +50,15 @@ class ResultHandler:
         # IN_QUEUE / IN_PROGRESS: nothing final to record.
 
     async def _completed(self, run_id: str, attempt: int, output: Any) -> None:
+        run = await self.store.run(run_id)
+        if run is None or run.attempt != attempt or run.status != RunStatus.DISPATCHED:
+            return  # settled already (COMPLETE would refuse it): spare reading its images again
         job_id, _ = keys.split_run_id(run_id)
         config = await self.configs.get(job_id)
-        outcomes = _parse_outcomes(output)
-        now = time.time()
-        records: dict[int, ImageRecord] = {}
-        for index in await self.store.run_slots(run_id, config):
-            outcome = outcomes.get(index)
-            if outcome is None:
-                records[index] = ImageRecord(
-                    status=ImageStatus.FAILED,
-                    attempt=attempt,
-                    error="missing_output",
-                    detail="the worker returned no result for this image",
-                    finished_at=now,
-                )
-            elif outcome.status == "succeeded":
-                records[index] = ImageRecord(
-                    status=ImageStatus.SUCCEEDED,
-                    attempt=attempt,
-                    object_key=keys.image_object(run_id, index, attempt),
-                    mime_type=outcome.mime_type,
-                    bytes=outcome.bytes,
-                    crc32=outcome.crc32,
-                    prompt_tokens=outcome.prompt_tokens,
-                    output_tokens=outcome.output_tokens,
-                    finished_at=now,
-                )
-            else:
-                records[index] = ImageRecord(
-                    status=ImageStatus.FAILED,
-                    attempt=attempt,
-                    error=outcome.error or "upstream_error",
-                    detail=outcome.detail,
-                    prompt_tokens=outcome.prompt_tokens,
-                    finished_at=now,
-                )
+        slots = list(await self.store.run_slots(run_id, config))
+        # Checked against the stored objects before anything is recorded, so the job cannot reach
+        # packaging with an image that is not there; raises (message retried) if storage is down.
+        records = await self.verifier.records(run_id, attempt, slots, parse_outcomes(output, self.settings))
         if await self.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, records)):
             # Counted only when recorded, so duplicates of a result do not count twice.
             for record in records.values():
@@ -118,18 +93,6 @@ class ResultHandler:
 
 def _ids(run_id: str) -> dict[str, str]:
     return {"job_id": keys.split_run_id(run_id)[0], "run_id": run_id}
-
-
-def _parse_outcomes(output: Any) -> dict[int, ImageOutcome]:
-    outcomes: dict[int, ImageOutcome] = {}
-    images = output.get("images") if isinstance(output, dict) else None
-    for raw in images or []:
-        try:
-            outcome = ImageOutcome.model_validate(raw)
-        except ValidationError:
-            continue
-        outcomes[outcome.index] = outcome
-    return outcomes
 
 
 def _error_text(body: dict[str, Any]) -> str:

@@ -21,6 +21,8 @@ from typing import Any
 
 import aiohttp
 
+from shared import bounded_json
+
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -158,9 +160,10 @@ async def _snippet(resp: aiohttp.ClientResponse) -> str:
 
 async def _json_object(resp: aiohttp.ClientResponse, operation: str) -> dict[str, Any]:
     try:
-        data = await resp.json(content_type=None)
-    except ValueError:
-        raise RunPodError(resp.status, f"{operation} answered a body that is not JSON") from None
+        # Bounded: a /status body carries the worker's output, which is the worker's to shape.
+        data = bounded_json.loads(await resp.read())
+    except ValueError as exc:
+        raise RunPodError(resp.status, f"{operation} answered a body that is not JSON ({exc})") from None
     if not isinstance(data, dict):
         raise RunPodError(resp.status, f"{operation} answered JSON that is not an object")
     return data

@@ -8,7 +8,6 @@ RunPod stops retrying it. Once RunPod's job id for the attempt is known, a body 
 RunPod job is refused: a token seen once cannot carry another run's results.
 """
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
@@ -16,7 +15,7 @@ from pydantic import BaseModel
 
 from services.gateway.deps import ProjectDep, RedisDep, SettingsDep
 from services.gateway.schemas import API_PROBLEMS, problems
-from shared import events, keys, tokens
+from shared import bounded_json, events, keys, tokens
 from shared.models import RunStatus
 from shared.webhook_signing import project_webhook_secret
 
@@ -61,7 +60,13 @@ async def runpod_webhook(
     if len(raw) > MAX_BODY:
         raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, "Webhook body too large.")
     try:
-        body: Any = json.loads(raw) if raw else {}
+        # Bounded: Python's parser recurses per level (RecursionError, a 500). Whatever its declared
+        # type the body is parsed here, so the gateway's check of JSON bodies alone would not do.
+        body: Any = bounded_json.loads(raw) if raw else {}
+    except bounded_json.TooDeep as exc:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, f"The webhook body nests deeper than {exc.max_depth} levels."
+        ) from None
     except ValueError:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "Webhook body is not JSON.") from None
     run_status = body.get("status") if isinstance(body, dict) else None

@@ -10,15 +10,23 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from services.packager.zipper import ZipEntry, write_zip
+from minio.error import S3Error
+from redis.exceptions import WatchError
+
+from services.packager.zipper import ObjectMismatch, ZipEntry, write_zip
 from shared import keys, metrics, planning
 from shared.jobstore import ImageRecord, JobRecord, JobStore
 from shared.models import ImageStatus, JobStatus
 from shared.planning import JobConfig, image_file_name
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import MISSING, Storage
 
 log = logging.getLogger(__name__)
+
+# The error of an image whose stored object turned out missing or changed (as the dispatcher's).
+OBJECT_MISMATCH = "object_mismatch"
+# Objects looked at (HEAD) at once when one turned out unusable.
+VERIFY_CONCURRENCY = 8
 
 
 def _iso(value: float | None) -> str | None:
@@ -103,23 +111,95 @@ class Packager:
 
     async def build_zip(self, job: JobRecord) -> None:
         job_id = job.id
-        config, images = await self.store.records(job_id)
-        if not any(r.status == ImageStatus.SUCCEEDED for r in images.values()):
-            if job.status == JobStatus.PACKAGING:
-                reasons = Counter(r.error or "unknown" for r in images.values())
-                error = "no image succeeded: " + ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
-                await self.store.transition(job_id, JobStatus.PACKAGING, JobStatus.FAILED, error=error)
-                log.warning("job %s failed: %s", job_id, error)
-            return
         started = time.monotonic()
-        manifest_json = json.dumps(manifest(job, config, images), indent=2).encode()
-        key = keys.zip_object(job_id)
-        size = await asyncio.to_thread(
-            write_zip, self.storage, key, zip_entries(images, manifest_json), self.settings.zip_part_size
-        )
+        # Each pass that meets an unusable object fails that image and starts over: the loop ends.
+        while True:
+            config, images = await self.store.records(job_id)
+            if not any(r.status == ImageStatus.SUCCEEDED for r in images.values()):
+                if job.status == JobStatus.PACKAGING:
+                    reasons = Counter(r.error or "unknown" for r in images.values())
+                    error = "no image succeeded: " + ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+                    await self.store.transition(job_id, JobStatus.PACKAGING, JobStatus.FAILED, error=error)
+                    log.warning("job %s failed: %s", job_id, error)
+                return
+            manifest_json = json.dumps(manifest(job, config, images), indent=2).encode()
+            key = keys.zip_object(job_id)
+            entries = zip_entries(images, manifest_json)
+            try:
+                size = await asyncio.to_thread(write_zip, self.storage, key, entries, self.settings.zip_part_size)
+                break
+            except ObjectMismatch as exc:
+                unusable = {exc.object_key: exc.detail}
+            except S3Error as exc:
+                if exc.code not in MISSING or not exc.object_name:
+                    raise  # not about one image (storage unavailable...): the message is delivered again
+                unusable = {exc.object_name: "no image is stored for it any more"}
+            if not await self.set_aside(job, images, unusable):
+                raise RuntimeError(f"job {job_id}: an object of no succeeded image failed its ZIP: {unusable}")
         ending = JobStatus.COMPLETED if job.status == JobStatus.PACKAGING else job.status
         took = time.monotonic() - started
         if await self.store.transition(job_id, job.status, ending, zip_bytes=size):
             metrics.PACKAGING_BYTES.inc(size)
             metrics.PACKAGING_SECONDS.observe(took)
             log.info("job %s packaged: %s bytes in %.2fs", job_id, size, took, extra={"job_id": job_id})
+
+    async def set_aside(self, job: JobRecord, images: dict[int, ImageRecord], unusable: dict[str, str]) -> int:
+        """Fail the succeeded images whose objects are unusable (deleted, corrupted since they were
+        checked), so the rest can be packaged instead of the job waiting in packaging for good.
+
+        One bad object suggests more (a deleted prefix): every other one is looked at too, a HEAD
+        each, so a pass fails all the missing ones at once (a changed CRC needs the bytes: the next
+        ZIP attempt finds those). Returns the images failed by this call."""
+        by_key = {r.object_key: i for i, r in images.items() if r.status == ImageStatus.SUCCEEDED and r.object_key}
+        gate = asyncio.Semaphore(VERIFY_CONCURRENCY)
+
+        async def look(key: str, record: ImageRecord) -> tuple[str, str | None]:
+            async with gate:
+                size = await self.storage.size(key)
+            if size is None:
+                return key, "no image is stored for it any more"
+            if size != record.bytes and record.bytes is not None:
+                return key, f"the stored image has {size} bytes, {record.bytes} were recorded"
+            return key, None
+
+        others = [look(k, images[i]) for k, i in by_key.items() if k not in unusable]
+        unusable |= {key: detail for key, detail in await asyncio.gather(*others) if detail is not None}
+        failed = 0
+        for key, detail in unusable.items():
+            index = by_key.get(key)
+            if index is not None and await self._fail_image(job, index, f"at packaging: {detail}"):
+                failed += 1
+                log.warning("job %s image %s set aside: %s", job.id, index, detail, extra={"job_id": job.id})
+        return failed
+
+    async def _fail_image(self, job: JobRecord, index: int, detail: str) -> bool:
+        """Turn one succeeded image into a failed one, its counts with it; False if it was not succeeded."""
+        redis, images_key, field = self.store.redis, keys.job_images(job.id), str(index)
+        async with redis.pipeline(transaction=True) as pipe:
+            for _ in range(10):
+                try:
+                    await pipe.watch(images_key)
+                    raw = await pipe.hget(images_key, field)
+                    record = ImageRecord.model_validate_json(raw) if raw else None
+                    if record is None or record.status != ImageStatus.SUCCEEDED:
+                        await pipe.reset()
+                        return False
+                    failed = record.model_copy(
+                        update={"status": ImageStatus.FAILED, "error": OBJECT_MISMATCH, "detail": detail}
+                        | dict.fromkeys(("object_key", "mime_type", "bytes", "crc32"))
+                    )
+                    hourly, hour = keys.project_hourly(job.project), int(record.finished_at // 3600)
+                    # The hour's figures may have been pruned since: never take one below zero.
+                    counted = int(await pipe.hget(hourly, f"{hour}:succeeded") or 0) > 0
+                    pipe.multi()
+                    pipe.hset(images_key, field, failed.model_dump_json(exclude_none=True))
+                    pipe.hincrby(keys.job(job.id), "images_succeeded", -1)
+                    pipe.hincrby(keys.job(job.id), "images_failed", 1)
+                    if counted:
+                        pipe.hincrby(hourly, f"{hour}:succeeded", -1)
+                        pipe.hincrby(hourly, f"{hour}:failed", 1)
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
+        raise RuntimeError(f"job {job.id} image {index}: its record kept changing")

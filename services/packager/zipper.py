@@ -25,6 +25,7 @@ from typing import Any
 
 from stream_zip import NO_COMPRESSION_64, ZIP_64, MemberFile, Method, stream_zip
 
+from shared.errors import BunchError
 from shared.storage import Storage
 
 # Regular file, rw-r--r--: without S_IFREG some unzip tools restore entries with mode 0.
@@ -151,6 +152,37 @@ def _stored_method(storage: Storage, entry: ZipEntry) -> Method:
     return NO_COMPRESSION_64(*_object_checksum(storage, entry.object_key))
 
 
+class ObjectMismatch(BunchError):
+    """A member's object differs from the size and CRC-32 it was given; the archive was not written.
+
+    Raised before stream-zip's own check, whose error does not say which member it was about. (A
+    missing object raises minio's S3Error NoSuchKey, which names it in `object_name`.)"""
+
+    def __init__(self, object_key: str, message: str) -> None:
+        super().__init__(f"{object_key}: {message}")
+        self.object_key = object_key
+        self.detail = message
+
+
+def _checked(chunks: Iterable[bytes], key: str, size: int, crc32: int) -> Iterator[bytes]:
+    seen, crc = 0, 0
+    try:
+        for chunk in chunks:
+            seen += len(chunk)
+            crc = zlib.crc32(chunk, crc)
+            if seen > size:  # stop at once: an object far larger than claimed is not copied whole first
+                raise ObjectMismatch(key, f"the stored image has more than the {size} bytes recorded")
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()  # now, not at garbage collection: a half-read connection is dropped at once
+    if seen != size:
+        raise ObjectMismatch(key, f"the stored image has {seen} bytes, {size} were recorded")
+    if crc != crc32:
+        raise ObjectMismatch(key, f"the stored image has CRC-32 {crc:08x}, {crc32:08x} was recorded")
+
+
 def _members(storage: Storage, entries: Iterable[ZipEntry]) -> Iterator[MemberFile]:
     for entry in entries:
         chunks: Iterable[bytes]
@@ -159,6 +191,8 @@ def _members(storage: Storage, entries: Iterable[ZipEntry]) -> Iterator[MemberFi
         else:
             assert entry.object_key is not None
             chunks = storage.iter_object(entry.object_key)
+            if entry.size is not None and entry.crc32 is not None:
+                chunks = _checked(chunks, entry.object_key, entry.size, entry.crc32)
         method = ZIP_64 if entry.compress else _stored_method(storage, entry)
         yield entry.name, _zip_time(entry.modified_at), _FILE_MODE, method, chunks
 
