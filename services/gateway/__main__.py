@@ -4,8 +4,7 @@ import argparse
 import signal
 import sys
 
-import uvicorn
-
+from services.gateway import server
 from services.gateway.app import create_app
 from shared import logs
 from shared.settings import get_settings
@@ -16,11 +15,12 @@ def main() -> None:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
-    logs.configure("gateway", get_settings().log_level)
+    settings = get_settings()
+    logs.configure("gateway", settings.log_level)
     # uvicorn re-raises SIGTERM once it has shut down gracefully, which would end the process
     # "killed by signal"; a clean shutdown should exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_config=None, access_log=False)
+    server.run(create_app(), args.host, args.port, settings)
 
 
 if __name__ == "__main__":
