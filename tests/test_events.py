@@ -14,8 +14,8 @@ from deploy.stack import Stack
 from shared import keys
 from tests.stack_helpers import client, redis_of, running_stack, submit
 
-KEY_A, KEY_B, KEY_C = "ev-key-a", "ev-key-b", "ev-key-c"
-PROJECT_A, PROJECT_B = "ev-project-a", "ev-project-b"
+KEY_A, KEY_B, KEY_C, KEY_D = "ev-key-a", "ev-key-b", "ev-key-c", "ev-key-d"
+PROJECT_A, PROJECT_B, PROJECT_D = "ev-project-a", "ev-project-b", "ev-project-d"
 FINAL = {"completed", "failed", "canceled"}
 
 
@@ -23,7 +23,7 @@ FINAL = {"completed", "failed", "canceled"}
 def stack() -> Iterator[Stack]:
     with running_stack(
         "bunch-events-",
-        api_keys=f"{KEY_A}:{PROJECT_A},{KEY_B}:{PROJECT_B},{KEY_C}:ev-project-c",
+        api_keys=f"{KEY_A}:{PROJECT_A},{KEY_B}:{PROJECT_B},{KEY_C}:ev-project-c,{KEY_D}:{PROJECT_D}",
         service_env={
             "BUNCH_MAX_CONCURRENCY": "2",
             "BUNCH_SSE_KEEPALIVE_SECONDS": "1",
@@ -178,6 +178,35 @@ async def test_streams_are_scoped_to_the_callers_project(stack: Stack, redis: Re
     # Not vacuous: project A's job did change while B was listening.
     window = await redis.xrange(keys.EVENTS_STREAM, min=f"({snapshot['id']}", max=live[-1]["id"])
     assert any(f["job_id"] == job_a for _, f in window)
+
+
+async def hmget_calls(redis: Redis) -> int:
+    return int((await redis.info("commandstats")).get("cmdstat_hmget", {}).get("calls", 0))
+
+
+async def test_the_project_snapshot_reads_unfinished_work_not_the_whole_history(stack: Stack, redis: Redis) -> None:
+    api = client(stack, KEY_D)
+    assert (await api.post("/api/queue/pause")).status_code == 200  # its job stays queued
+    job_id = await submit(api, slow_job(4, prompt="queued before a long history"))
+    history = keys.project_jobs(PROJECT_D)
+    created = await redis.zscore(history, job_id)
+    assert created is not None
+    # Months of finished jobs after it, as far as the project's index of jobs goes (the snapshot
+    # reads each job it considers with one HMGET: these are what an unbounded one would read).
+    old = {f"finished-{n}": created + 1 + n for n in range(20_000)}
+    await redis.zadd(history, old)
+    try:
+        before = await hmget_calls(redis)
+        snapshot = (await read_events(api, "/api/events", stop_after=1))[0]
+        read = await hmget_calls(redis) - before
+        assert snapshot["event"] == "snapshot" and snapshot["data"]["project"] == PROJECT_D
+        # The queued job is found through the project's queue, not its place in the history.
+        assert [(j["job_id"], j["status"]) for j in snapshot["data"]["jobs"]] == [(job_id, "queued")]
+        assert read < 3000, f"the snapshot read {read} jobs"
+    finally:
+        await redis.zrem(history, *old)
+        assert (await api.post(f"/api/jobs/{job_id}/cancel")).status_code == 200
+        assert (await api.post("/api/queue/resume")).status_code == 200
 
 
 async def test_idle_streams_get_keepalive_comments_and_bad_ids_are_refused(stack: Stack) -> None:
