@@ -15,6 +15,7 @@ from redis.exceptions import NoScriptError
 from shared import keys, planning, scripts
 from shared.archive import ArchivedRecords, JobArchive
 from shared.errors import Invalid, OverQuota
+from shared.ids import is_id
 from shared.models import FINAL_JOB_STATUSES, ImageStatus, JobRequest, JobStatus, RunStatus
 from shared.planning import JobConfig
 from shared.redis_memory import MemoryGuard
@@ -225,6 +226,9 @@ class JobStore:
         return [job for job in map(_job_record, rows) if job is not None]
 
     async def get_for_project(self, project: str, job_id: str) -> JobRecord | None:
+        """The job if it is the project's; None for any other id, malformed ones included."""
+        if not is_id(job_id):
+            return None
         job = await self.get(job_id)
         return job if job is not None and job.project == project else None
 
@@ -432,6 +436,25 @@ class JobStore:
     async def images(self, job_id: str) -> dict[int, ImageRecord]:
         return (await self.records(job_id))[1]
 
+    async def records_page(self, job_id: str, start: int, count: int) -> tuple[JobConfig, dict[int, ImageRecord]]:
+        """Like `records`, for slots start..start+count-1 only: a live job's page costs one HMGET of
+        `count` fields, whatever the job's size. KeyError if the job is gone."""
+        indices = [str(index) for index in range(start, start + count)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.job(job_id), "config", "archived")
+            if indices:  # HMGET needs a field
+                pipe.hmget(keys.job_images(job_id), indices)
+            (config, archived), *found = await pipe.execute()
+        values = found[0] if found else []
+        images: dict[str, str] = {k: v for k, v in zip(indices, values, strict=True) if v is not None}
+        if archived and self.archive is not None:
+            page = await self.archive.read_page(job_id, start, count)
+            config, images = page.config, {str(index): record for index, record in page.images.items()}
+        if config is None:
+            raise KeyError(job_id)
+        records = {int(k): ImageRecord.model_validate_json(v) for k, v in images.items()}
+        return _config_adapter.validate_json(config), records
+
     async def records(self, job_id: str) -> tuple[JobConfig, dict[int, ImageRecord]]:
         """The job's config and image outcomes, from Redis or, once archived, from its archive
         (one read of it). KeyError if the job is gone."""
@@ -465,6 +488,8 @@ class JobStore:
 
     async def status_for_project(self, project: str, job_id: str) -> "tuple[JobRecord, QueueFigures] | None":
         """The job (None if it is not the project's) and its queue figures, read together in one call."""
+        if not is_id(job_id):
+            return None
         values, *figures = await self._status(self.redis, [keys.job(job_id)], [job_id])
         job = _job_record(values)
         if job is None or job.project != project:

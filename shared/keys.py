@@ -68,6 +68,16 @@ def project_live_images(project: str) -> str:
     return f"{PREFIX}:project:{project}:live-images"
 
 
+def project_live_jobs(project: str) -> str:
+    """Zset of the project's queued and processing jobs: job_id -> created_at (cancel-all, live views)."""
+    return f"{PREFIX}:project:{project}:live-jobs"
+
+
+def project_failed_jobs(project: str) -> str:
+    """Zset of the project's failed jobs not retried yet: job_id -> created_at (retry-all)."""
+    return f"{PREFIX}:project:{project}:failed-jobs"
+
+
 def project_submissions(project: str) -> str:
     """Hash: token bucket of the project's job submissions per minute (the operator's quota)."""
     return f"{PREFIX}:project:{project}:submissions"
@@ -170,6 +180,11 @@ def image_object(run_id: str, index: int, attempt: int) -> str:
 def archive_object(job_id: str) -> str:
     """A finished job's config and image records, once they left Redis (shared/archive.py)."""
     return f"jobs/{job_id}/archive.json.gz"
+
+
+def archive_chunk(job_id: str, chunk: int) -> str:
+    """The records of one chunk of a finished job's image slots (shared/archive.py)."""
+    return f"jobs/{job_id}/archive/{chunk:05d}.json.gz"
 
 
 def zip_object(job_id: str) -> str:

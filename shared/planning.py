@@ -50,6 +50,11 @@ def run_slots(config: JobConfig, run_index: int, run_size: int) -> range:
     return range(start, min(start + run_size, images_total(config)))
 
 
+def prompt_index(config: JobConfig, index: int) -> int:
+    """Which of the job's prompts image `index` is made from (automatic jobs have one)."""
+    return index // config.images_per_prompt if isinstance(config, SemiAutoJobRequest) else 0
+
+
 def slot(config: JobConfig, index: int) -> Slot:
     if isinstance(config, SemiAutoJobRequest):
         prompt = config.prompts[index // config.images_per_prompt]

@@ -50,6 +50,8 @@ KEY_FUNCTIONS: dict[str, Callable[[str], str]] = {
     "project_retries": keys.project_retries,
     "project_runs_waiting": keys.project_runs_waiting,
     "project_live_images": keys.project_live_images,
+    "project_live_jobs": keys.project_live_jobs,
+    "project_failed_jobs": keys.project_failed_jobs,
     "project_submissions": keys.project_submissions,
     "project_paused": keys.project_paused,
     "project_counts": keys.project_counts,

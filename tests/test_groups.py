@@ -1,8 +1,9 @@
-"""Groups on the real stack: create, list, details with links, delete (refused while jobs run)."""
+"""Groups on the real stack: create, list, details with links in bounded pages, delete (refused while jobs run)."""
 
 import asyncio
 import io
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -10,10 +11,11 @@ from PIL import Image
 from redis.asyncio import Redis
 
 from deploy.stack import Stack
-from services.gateway.groups import resolve_group
+from services.gateway.group_views import MAX_IMAGE_PAGE, MAX_JOB_PAGE, MAX_SLOTS_EXAMINED, Place
+from services.gateway.groups import GroupDetails, resolve_group
 from shared import keys
 from shared.jobstore import MissingKeys
-from tests.stack_helpers import client, emulator, redis_of, running_stack, submit, wait_final
+from tests.stack_helpers import client, emulator, png_bytes, redis_of, running_stack, submit, upload, wait_final
 
 KEY_A, KEY_B = "key-a", "key-b"
 
@@ -85,42 +87,91 @@ async def test_group_crud_and_duplicate_names(api: httpx.AsyncClient, other: htt
     assert (await other.get(f"/api/groups/{theirs['id']}")).status_code == 200
 
 
-async def test_jobs_join_groups_and_delete_waits_for_them(stack: Stack, api: httpx.AsyncClient) -> None:
+async def test_jobs_join_groups_and_delete_waits_for_them(stack: Stack, api: httpx.AsyncClient, redis: Redis) -> None:
     foxes = await create_group(api, "foxes")
+    [reference, source] = await upload(api, [png_bytes(seed=1), png_bytes(seed=2)])
     await emulator(stack, "gemini", "POST", "/_emulator/config", {"latency_ms": 1500})
     try:
         by_name = await submit(api, {"mode": "semi_auto", "group": "foxes", "prompts": ["fox"], "images_per_prompt": 3})
         by_id = await submit(
-            api, {"mode": "semi_auto", "group": foxes["id"], "prompts": ["den"], "images_per_prompt": 2}
+            api,
+            {"mode": "semi_auto", "group": foxes["id"], "prompts": ["den", "cub"], "images_per_prompt": 1,
+             "reference_ids": [reference]},
+        )  # fmt: skip
+        automatic = await submit(
+            api, {"mode": "automatic", "group": "foxes", "base_prompt": "as a fox", "input_ids": [source]}
         )
         refused = await api.delete(f"/api/groups/{foxes['id']}")
         assert refused.status_code == 409, refused.text
         assert "unfinished job" in refused.json()["detail"]
-        finals = await asyncio.gather(wait_final(api, by_name, stack), wait_final(api, by_id, stack))
+        finals = await asyncio.gather(*(wait_final(api, job, stack) for job in (by_name, by_id, automatic)))
     finally:
         await emulator(stack, "gemini", "POST", "/_emulator/config", {"latency_ms": 0})
-    assert [s["status"] for s in finals] == ["completed", "completed"]
+    assert [s["status"] for s in finals] == ["completed"] * 3
 
     details = (await api.get(f"/api/groups/{foxes['id']}")).json()
-    assert [job["id"] for job in details["jobs"]] == [by_name, by_id]
-    assert [job["status"] for job in details["jobs"]] == ["completed", "completed"]
+    GroupDetails.model_validate(details)  # the documented shape
+    assert [job["id"] for job in details["jobs"]] == [by_name, by_id, automatic]
+    assert [job["status"] for job in details["jobs"]] == ["completed"] * 3
     assert details["jobs"][0]["progress"]["images_succeeded"] == 3
-    assert details["images_total"] == 5
-    assert [(i["job_id"], i["index"], i["prompt"]) for i in details["images"]] == [
-        (by_name, 0, "fox"),
-        (by_name, 1, "fox"),
-        (by_name, 2, "fox"),
-        (by_id, 0, "den"),
-        (by_id, 1, "den"),
+    assert details["job_count"] == 3 and details["next_job_cursor"] is None
+    assert details["images_total"] == 6 and details["next_image_cursor"] is None
+    assert [(i["job_id"], i["index"], i["prompt_index"], i["input_id"]) for i in details["images"]] == [
+        (by_name, 0, 0, None),
+        (by_name, 1, 0, None),
+        (by_name, 2, 0, None),
+        (by_id, 0, 0, None),
+        (by_id, 1, 1, None),
+        (automatic, 0, 0, source),
     ]
+    # Each prompt and each job's reference images once, not once per image.
+    assert details["prompts"] == {by_name: {"0": "fox"}, by_id: {"0": "den", "1": "cub"}, automatic: {"0": "as a fox"}}
+    assert details["reference_ids"] == {by_name: [], by_id: [reference]}
+    assert set(details["images"][0]) == {"job_id", "index", "url", "prompt_index", "input_id", "created_at"}
     async with httpx.AsyncClient() as plain:
         body = (await plain.get(details["images"][4]["url"])).content
     Image.open(io.BytesIO(body)).verify()
-    page = (await api.get(f"/api/groups/{foxes['id']}", params={"image_offset": 1, "image_limit": 3})).json()
-    assert [i["index"] for i in page["images"]] == [1, 2, 0] and page["next_image_offset"] == 4
+
+    # Pages follow one another through the jobs, in order, whatever their size.
+    url = f"/api/groups/{foxes['id']}"
+    first = (await api.get(url, params={"image_limit": 1, "job_limit": 2})).json()
+    assert [i["index"] for i in first["images"]] == [0] and set(first["prompts"]) == {by_name}
+    assert [job["id"] for job in first["jobs"]] == [by_name, by_id]
+    second = (await api.get(url, params={"image_limit": 3, "image_cursor": first["next_image_cursor"]})).json()
+    assert [(i["job_id"], i["index"]) for i in second["images"]] == [(by_name, 1), (by_name, 2), (by_id, 0)]
+    assert second["prompts"] == {by_name: {"0": "fox"}, by_id: {"0": "den"}}
+    third = (await api.get(url, params={"image_limit": 3, "image_cursor": second["next_image_cursor"]})).json()
+    assert [(i["job_id"], i["index"]) for i in third["images"]] == [(by_id, 1), (automatic, 0)]
+    assert third["next_image_cursor"] is None and third["images_total"] == 6
+    # Retention drops jobs from the group while a client pages: a cursor still goes on where it was.
+    index, resume = keys.group_jobs(foxes["id"]), {"image_cursor": second["next_image_cursor"]}
+    created = {job: await redis.zscore(index, job) for job in (by_name, by_id)}
+    await redis.zrem(index, by_name)  # a job before the cursor's
+    assert [(i["job_id"], i["index"]) for i in (await api.get(url, params=resume)).json()["images"]] == [
+        (by_id, 1),
+        (automatic, 0),
+    ]
+    await redis.zadd(index, {by_name: created[by_name]})
+    await redis.zrem(index, by_id)  # the cursor's own job: the next one goes on
+    assert [(i["job_id"], i["index"]) for i in (await api.get(url, params=resume)).json()["images"]] == [(automatic, 0)]
+    await redis.zadd(index, {by_id: created[by_id]})
+    rest = {"job_limit": 2, "job_cursor": first["next_job_cursor"], "image_limit": 0}
+    jobs = (await api.get(url, params=rest)).json()
+    assert [job["id"] for job in jobs["jobs"]] == [automatic] and jobs["next_job_cursor"] is None
+    assert jobs["images"] == [] and jobs["next_image_cursor"] is None  # image_limit=0: no images read
+    for bad in (
+        {"image_limit": MAX_IMAGE_PAGE + 1},
+        {"job_limit": MAX_JOB_PAGE + 1},
+        {"image_cursor": "12"},
+        {"image_cursor": first["next_job_cursor"]},
+        {"job_cursor": first["next_image_cursor"]},
+        {"image_cursor": "1e999:" + "0" * 32 + ":0"},
+    ):
+        response = await api.get(url, params=bad)
+        assert response.status_code == 422, (bad, response.text)
 
     listed = {g["id"]: g for g in (await api.get("/api/groups")).json()["groups"]}
-    assert listed[foxes["id"]]["job_count"] == 2
+    assert listed[foxes["id"]]["job_count"] == 3
 
     # A name nobody created yet makes a group on the fly.
     fresh = await submit(api, {"mode": "semi_auto", "group": "new one", "prompts": ["x"], "images_per_prompt": 1})
@@ -131,6 +182,69 @@ async def test_jobs_join_groups_and_delete_waits_for_them(stack: Stack, api: htt
     assert (await api.delete(f"/api/groups/{foxes['id']}")).status_code == 204
     # The jobs stay, with their results.
     assert (await api.get(f"/api/jobs/{by_name}/status")).json()["status"] == "completed"
+
+
+async def test_a_page_of_a_big_group_costs_the_same_whatever_the_group_holds(
+    stack: Stack, api: httpx.AsyncClient
+) -> None:
+    """A 10,000-image job of 4,000-character prompts stopped after a few images, a small job, and a
+    10,000-image job still queued: every page looks at a bounded number of slots, stays small and
+    names each prompt once, and the pages together give every succeeded image once, in order."""
+    prompts = [f"prompt {n:03d} " + "x" * 3989 for n in range(100)]
+    big = {"mode": "semi_auto", "group": "big", "prompts": prompts, "images_per_prompt": 100}
+    await emulator(stack, "gemini", "POST", "/_emulator/config", {"latency_ms": 300})
+    try:
+        stopped = await submit(api, big)
+        await until_some_succeeded(api, stopped, stack)
+        assert (await api.post(f"/api/jobs/{stopped}/cancel")).status_code == 200
+        final = await wait_final(api, stopped, stack)
+    finally:
+        await emulator(stack, "gemini", "POST", "/_emulator/config", {"latency_ms": 0})
+    assert final["status"] == "canceled" and 0 < final["progress"]["images_succeeded"] < MAX_IMAGE_PAGE
+    small = await submit(api, {"mode": "semi_auto", "group": "big", "prompts": ["small"], "images_per_prompt": 2})
+    await wait_final(api, small, stack)
+    await api.post("/api/queue/pause")  # the second big job stays queued: nothing succeeded in it
+    queued = await submit(api, big)
+    try:
+        url, cursor = f"/api/groups/{final['group_id']}", None
+        pages: list[dict[str, Any]] = []
+        while True:
+            params = {"image_limit": MAX_IMAGE_PAGE, "job_limit": 0, **({"image_cursor": cursor} if cursor else {})}
+            response = await api.get(url, params=params)
+            assert response.status_code == 200, response.text
+            assert len(response.content) < 150_000
+            page = response.json()
+            pages.append(page)
+            for by_index in page["prompts"].values():
+                assert all(response.text.count(prompt) == 1 for prompt in by_index.values())
+            if page["next_image_cursor"] is None:
+                break
+            start, following = Place.parse(cursor), Place.parse(page["next_image_cursor"])
+            assert following is not None
+            if start is not None and start.job_id == following.job_id:
+                assert following.index - start.index <= MAX_SLOTS_EXAMINED
+            cursor = page["next_image_cursor"]
+    finally:
+        assert (await api.post(f"/api/jobs/{queued}/cancel")).status_code == 200
+        await api.post("/api/queue/resume")
+    # The stopped job's 10,000 slots a thousand a page, then the small job's images; the queued
+    # job is passed over on its summary.
+    assert len(pages) == 10 + 1
+    seen = [(image["job_id"], image["index"]) for page in pages for image in page["images"]]
+    succeeded = final["progress"]["images_succeeded"]
+    assert [job for job, _ in seen] == [stopped] * succeeded + [small] * 2
+    assert seen[:succeeded] == sorted(seen[:succeeded]) and len(set(seen)) == len(seen)
+    assert pages[-1]["images_total"] == succeeded + 2 and pages[-1]["job_count"] == 3
+    assert [page["prompts"].get(stopped, {}) for page in pages[1:]] == [{}] * 10
+
+
+async def until_some_succeeded(api: httpx.AsyncClient, job_id: str, stack: Stack) -> None:
+    for _ in range(300):
+        status = (await api.get(f"/api/jobs/{job_id}/status")).json()
+        if status["progress"]["images_succeeded"]:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"job {job_id} made no image: {status}\n{stack.logs()}")
 
 
 async def test_resolve_group_creates_one_group_under_concurrency(redis: Redis) -> None:

@@ -302,3 +302,19 @@ async def test_a_run_whose_outcome_beat_its_start_answer_keeps_its_runpod_id(
     # The webhook came (and was stored) before /run's answer reached the dispatcher.
     assert (await store.acquire_many(1002.0, 1032.0, 0, [StartedRun(run_id, attempt, "rp-fast")])).recorded == [True]
     assert await fresh_redis.hget(keys.run(run_id), "runpod_id") == "rp-fast"
+
+
+async def test_live_and_failed_indexes_follow_every_status_change(fresh_redis: Redis, settings: Settings) -> None:
+    """Cancel-all and retry-all read these instead of the project's whole history."""
+    store = store_with(fresh_redis, settings)
+    queued, failing, canceled = [await store.create("p", job(4)) for _ in range(3)]
+    live = keys.project_live_jobs("p")
+    assert set(await fresh_redis.zrange(live, 0, -1)) == {queued.id, failing.id, canceled.id}
+    assert await store.transition(failing.id, JobStatus.QUEUED, JobStatus.PROCESSING)
+    assert await store.transition(failing.id, JobStatus.PROCESSING, JobStatus.PACKAGING)
+    assert await store.transition(failing.id, JobStatus.PACKAGING, JobStatus.FAILED, error="no image")
+    assert (await store.cancel(canceled.id))[0]
+    assert await fresh_redis.zrange(live, 0, -1) == [queued.id]
+    assert await fresh_redis.zrange(keys.project_failed_jobs("p"), 0, -1) == [failing.id]
+    await store.create("p", await store.config(failing.id), retry_of=failing.id)
+    assert await fresh_redis.zcard(keys.project_failed_jobs("p")) == 0  # retried: no longer a candidate

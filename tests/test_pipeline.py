@@ -13,6 +13,7 @@ from PIL import Image
 from redis.asyncio import Redis
 
 from deploy.stack import Stack
+from services.gateway.schemas import JobResults
 from shared import keys
 from tests.stack_helpers import (
     client,
@@ -103,6 +104,9 @@ async def test_semi_auto_job_yields_zip_with_every_image_and_manifest(stack: Sta
 
     results = (await api.get(f"/api/jobs/{job_id}/results")).json()
     assert [image["status"] for image in results["images"]] == ["succeeded"] * 20
+    assert results["prompts"] == {str(n): prompt for n, prompt in enumerate(prompts)}
+    assert results["reference_ids"] == refs
+    assert [image["prompt_index"] for image in results["images"]] == [n // 10 for n in range(20)]
     async with httpx.AsyncClient() as plain:
         for image in results["images"]:
             body = (await plain.get(image["url"])).content
@@ -125,11 +129,11 @@ async def test_automatic_job_links_every_variation_to_its_input(stack: Stack, ap
     assert status["status"] == "completed", status
     assert status["progress"]["images_succeeded"] == 50
     results = (await api.get(f"/api/jobs/{job_id}/results")).json()
-    assert len(results["images"]) == 50
+    assert len(results["images"]) == 50 and results["next_cursor"] is None
+    assert results["prompts"] == {"0": "make it watercolor"} and results["reference_ids"] == []
     for image in results["images"]:
-        assert image["status"] == "succeeded"
+        assert image["status"] == "succeeded" and image["prompt_index"] == 0
         assert image["input_id"] == inputs[image["index"] // 2]
-        assert image["reference_ids"] == [image["input_id"]]
     archive = await download_zip(api, job_id)
     manifest = json.loads(archive.read("manifest.json"))
     assert {e["input_id"] for e in manifest["images"]} == set(inputs)
@@ -290,3 +294,37 @@ async def test_bad_requests_get_clear_client_errors(stack: Stack, api: httpx.Asy
     assert pending.status_code in (302, 409)
     if pending.status_code == 409:
         assert "not ready" in pending.json()["detail"]
+
+
+async def test_results_come_in_pages_that_name_each_prompt_once(stack: Stack, api: httpx.AsyncClient) -> None:
+    # Paused: the job stays queued and its 250 images pending while it is read page by page.
+    await api.post("/api/queue/pause")
+    try:
+        prompts = [f"prompt {n} " + "x" * 3000 for n in range(25)]
+        job_id = await submit(api, {"mode": "semi_auto", "prompts": prompts, "images_per_prompt": 10})
+        seen: list[int] = []
+        cursor: str | None = None
+        pages = 0
+        while True:
+            params: dict[str, str | int] = {"limit": 100, **({"cursor": cursor} if cursor else {})}
+            response = await api.get(f"/api/jobs/{job_id}/results", params=params)
+            assert response.status_code == 200, response.text
+            page = response.json()
+            JobResults.model_validate(page)  # the documented shape
+            pages += 1
+            indices = [image["index"] for image in page["images"]]
+            seen += indices
+            # Only the prompts this page's images use, each once, not one copy per image.
+            assert set(page["prompts"]) == {str(i // 10) for i in indices}
+            assert response.text.count("x" * 3000) == len(page["prompts"])
+            assert page["images_total"] == 250
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == list(range(250)) and pages == 3
+        too_many = await api.get(f"/api/jobs/{job_id}/results", params={"limit": 201})
+        assert too_many.status_code == 422
+        assert (await api.get(f"/api/jobs/{job_id}/results", params={"cursor": "-1"})).status_code == 422
+        assert (await api.post(f"/api/jobs/{job_id}/cancel")).status_code == 200
+    finally:
+        await api.post("/api/queue/resume")

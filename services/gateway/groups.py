@@ -1,31 +1,41 @@
 """Groups: named sets of a project's jobs, with their results, and resolving the group a job names."""
 
-import re
+import json
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from services.gateway.deps import ProjectDep, RedisDep, StorageDep, StoreDep
-from services.gateway.schemas import API_PROBLEMS, JsonRequest, Progress, problems
-from shared import keys, planning, scripts
-from shared.jobstore import ImageRecord, JobRecord, JobStore, MissingKeys
-from shared.models import FINAL_JOB_STATUSES, GroupName, ImageStatus, JobStatus
-from shared.planning import image_file_name
+from services.gateway.group_views import (
+    IMAGE_CURSOR,
+    JOB_CURSOR,
+    MAX_IMAGE_PAGE,
+    MAX_JOB_PAGE,
+    GroupImage,
+    GroupJob,
+    ImagePage,
+    image_page,
+    images_succeeded,
+    iso,
+    job_page,
+)
+from services.gateway.schemas import API_PROBLEMS, JsonRequest, problems
+from shared import keys, scripts
+from shared.ids import is_id
+from shared.jobstore import MissingKeys
+from shared.models import FINAL_JOB_STATUSES, GroupName
 from shared.scripts import Answer
-from shared.storage import Storage
 
 router = APIRouter(prefix="/api/groups", tags=["groups"], responses=API_PROBLEMS)
 
 NOT_FOUND = "No such group in this project."
-GROUP_ID = re.compile(r"[0-9a-f]{32}")  # uuid.uuid4().hex
 
 
 class GroupCreate(JsonRequest):
@@ -48,31 +58,22 @@ class GroupList(BaseModel):
     groups: list[GroupSummary]
 
 
-class GroupJob(BaseModel):
-    id: str
-    status: JobStatus
-    mode: str
-    priority: int
-    progress: Progress
-    created_at: datetime
-    completed_at: datetime | None
-
-
-class GroupImage(BaseModel):
-    job_id: str
-    index: int
-    url: str
-    prompt: str
-    reference_ids: list[str]
-    input_id: str | None
-    created_at: datetime
-
-
 class GroupDetails(GroupSummary):
-    jobs: list[GroupJob]
+    """The group, a page of its jobs and a page of their succeeded images; each list has its own
+    cursor, and `job_limit=0` or `image_limit=0` leaves a list out (its cursor is then null)."""
+
+    jobs: list[GroupJob]  # in the order they were submitted
+    next_job_cursor: str | None  # pass as job_cursor for the next page; None on the last page
+    # What the page's images of each job share, given once: by job id, the prompts they name (by
+    # prompt index) and, for a semi-automatic job, the reference images every image was made from.
+    prompts: dict[str, dict[int, str]]
+    reference_ids: dict[str, list[str]]
+    # The jobs' succeeded images, job by job, each job's in index order. A page looks at up to
+    # MAX_SLOTS_EXAMINED image slots: it may hold fewer than image_limit images (none, even) and
+    # still have a next page.
     images: list[GroupImage]
     images_total: int  # succeeded images over all the group's jobs
-    next_image_offset: int | None  # pass as image_offset for the next page; None on the last page
+    next_image_cursor: str | None  # pass as image_cursor for the next page; None on the last page
 
 
 def _time(value: float) -> datetime:
@@ -80,7 +81,9 @@ def _time(value: float) -> datetime:
 
 
 async def load_group(redis: Redis, project: str, group_id: str) -> dict[str, str] | None:
-    """The group's hash, or None if it does not exist or belongs to another project."""
+    """The group's hash, or None if it does not exist, belongs to another project or is no id."""
+    if not is_id(group_id):
+        return None
     raw = await redis.hgetall(keys.group(group_id))
     return raw if raw and raw.get("project") == project else None
 
@@ -106,7 +109,7 @@ async def resolve_group(
 
 def could_be_group_id(name_or_id: str) -> bool:
     """Whether a job's group may name a group by its id (a uuid4 hex) rather than by its name."""
-    return GROUP_ID.fullmatch(name_or_id) is not None
+    return is_id(name_or_id)
 
 
 async def _group_or_404(redis: Redis, project: str, group_id: str) -> dict[str, str]:
@@ -114,65 +117,6 @@ async def _group_or_404(redis: Redis, project: str, group_id: str) -> dict[str, 
     if group is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
     return group
-
-
-async def _jobs(store: JobStore, job_ids: list[str]) -> list[JobRecord]:
-    records = [await store.get(job_id) for job_id in job_ids]
-    return [job for job in records if job is not None]  # a job purged by retention meanwhile
-
-
-def _job_view(job: JobRecord) -> GroupJob:
-    return GroupJob(
-        id=job.id,
-        status=job.status,
-        mode=job.mode,
-        priority=job.priority,
-        progress=Progress(
-            images_total=job.images_total,
-            images_succeeded=job.images_succeeded,
-            images_failed=job.images_failed,
-            runs_total=job.runs_total,
-            runs_done=job.runs_done,
-        ),
-        created_at=_time(job.created_at),
-        completed_at=None if job.completed_at is None else _time(job.completed_at),
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class _Succeeded:
-    job_id: str
-    index: int
-    record: ImageRecord
-    slot: planning.Slot
-
-
-async def _succeeded_images(store: JobStore, job_id: str) -> list[_Succeeded]:
-    try:
-        config, records = await store.records(job_id)
-    except KeyError:
-        return []  # purged by retention meanwhile
-    return [
-        _Succeeded(job_id, index, records[index], planning.slot(config, index))
-        for index in sorted(records)
-        if records[index].status == ImageStatus.SUCCEEDED and records[index].object_key
-    ]
-
-
-def _image_view(image: _Succeeded, storage: Storage) -> GroupImage:
-    record = image.record
-    assert record.object_key is not None
-    return GroupImage(
-        job_id=image.job_id,
-        index=image.index,
-        url=storage.presigned_get(
-            record.object_key, f"{image.job_id}-{image_file_name(image.index, record.mime_type)}"
-        ),
-        prompt=image.slot.prompt,
-        reference_ids=list(image.slot.reference_ids),
-        input_id=image.slot.input_id,
-        created_at=_time(record.finished_at),
-    )
 
 
 @router.post(
@@ -209,30 +153,42 @@ async def list_groups(project: ProjectDep, redis: RedisDep) -> GroupList:
 @router.get("/{group_id}", response_model=GroupDetails, responses=problems(404))
 async def group_details(
     group_id: str,
+    request: Request,
     project: ProjectDep,
     redis: RedisDep,
     store: StoreDep,
     storage: StorageDep,
-    image_offset: Annotated[int, Query(ge=0)] = 0,
-    image_limit: Annotated[int, Query(ge=1, le=5000)] = 500,
-) -> GroupDetails:
-    group = await _group_or_404(redis, project, group_id)
-    jobs = await _jobs(store, await redis.zrange(keys.group_jobs(group_id), 0, -1))
-    images: list[_Succeeded] = []
-    for job in jobs:
-        images += await _succeeded_images(store, job.id)
-    page = images[image_offset : image_offset + image_limit]
-    following = image_offset + len(page)
-    return GroupDetails(
-        id=group_id,
-        name=group["name"],
-        created_at=_time(float(group["created_at"])),
-        job_count=len(jobs),
-        jobs=[_job_view(job) for job in jobs],
-        images=[_image_view(image, storage) for image in page],  # signed anew on every read
-        images_total=len(images),
-        next_image_offset=following if following < len(images) else None,
-    )
+    job_limit: Annotated[int, Query(ge=0, le=MAX_JOB_PAGE)] = 50,
+    job_cursor: Annotated[str | None, Query(pattern=JOB_CURSOR)] = None,
+    image_limit: Annotated[int, Query(ge=0, le=MAX_IMAGE_PAGE)] = 100,
+    image_cursor: Annotated[str | None, Query(pattern=IMAGE_CURSOR)] = None,
+) -> Response:
+    """The group with a page of its jobs and a page of their images (`next_job_cursor` and
+    `next_image_cursor` ask for the next ones): a page costs the same whatever the group holds."""
+    async with request.app.state.heavy_reads.slot(project):
+        group = await _group_or_404(redis, project, group_id)
+        jobs, next_jobs = await job_page(redis, store, group_id, job_cursor, job_limit) if job_limit else ([], None)
+        images = (
+            await image_page(redis, store, storage, group_id, image_cursor, image_limit)
+            if image_limit
+            else ImagePage([], {}, {}, None)
+        )
+        details = {
+            "id": group_id,
+            "name": group["name"],
+            "created_at": iso(float(group["created_at"])),
+            "job_count": await redis.zcard(keys.group_jobs(group_id)),
+            "jobs": jobs,
+            "next_job_cursor": next_jobs,
+            "prompts": images.prompts,
+            "reference_ids": images.reference_ids,
+            "images": images.images,
+            "images_total": await images_succeeded(redis, group_id),
+            "next_image_cursor": images.next_cursor,
+        }
+    # Built as plain data and written once, as GET /api/jobs/{id}/results does: validating and
+    # dumping hundreds of models per page would hold the event loop several times longer.
+    return Response(json.dumps(details, separators=(",", ":")), media_type="application/json")
 
 
 @router.delete(

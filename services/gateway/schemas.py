@@ -141,8 +141,10 @@ class ImageView(BaseModel):
     index: int
     status: ImageStatus
     url: str | None
-    prompt: str
-    reference_ids: list[str]
+    # The prompt is the page's `prompts[prompt_index]`: one job's prompts are few and long, its
+    # images many, so they are sent once per page rather than once per image.
+    prompt_index: int
+    # Automatic mode: the input image this one is a variation of (its reference image).
     input_id: str | None
     created_at: datetime | None
     error: str | None
@@ -150,9 +152,17 @@ class ImageView(BaseModel):
 
 
 class JobResults(BaseModel):
+    """One page of a job's images, in index order; `next_cursor` asks for the next page."""
+
     id: str
     status: JobStatus
+    images_total: int
+    # The prompts the page's images name, by prompt index (the base prompt is prompt 0).
+    prompts: dict[int, str]
+    # Semi-automatic mode: the reference images every image of the job was made from.
+    reference_ids: list[str]
     images: list[ImageView]
+    next_cursor: str | None
     zip: ZipInfo
 
 

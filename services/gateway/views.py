@@ -6,8 +6,10 @@ from typing import Any
 from fastapi import HTTPException, status
 
 from services.gateway.schemas import JobStatusView, Progress, ZipInfo
-from shared.jobstore import NO_FIGURES, JobRecord, JobStore, QueueFigures
-from shared.models import JobStatus
+from shared import planning
+from shared.jobstore import NO_FIGURES, ImageRecord, JobRecord, JobStore, QueueFigures
+from shared.models import ImageStatus, JobStatus, SemiAutoJobRequest
+from shared.planning import JobConfig
 from shared.storage import Storage
 
 JOB_NOT_FOUND = "No such job in this project."
@@ -81,3 +83,45 @@ async def live_status_view(store: JobStore, storage: Storage, project: str, job_
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, JOB_NOT_FOUND)
     return JobStatusView(**fields_with(*found, storage))
+
+
+def _iso(value: float | None) -> str | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC).isoformat()
+
+
+def results_page(
+    job: JobRecord, config: JobConfig, records: dict[int, ImageRecord], indices: range, storage: Storage
+) -> dict[str, Any]:
+    """One page of GET /results as JSON-ready data, in the shape of schemas.JobResults."""
+    images: list[dict[str, Any]] = []
+    prompts: dict[int, str] = {}
+    for index in indices:
+        record, slot = records.get(index), planning.slot(config, index)
+        prompt_index = planning.prompt_index(config, index)
+        prompts.setdefault(prompt_index, slot.prompt)
+        url = None
+        if record is not None and record.object_key and record.status == ImageStatus.SUCCEEDED:
+            url = storage.presigned_get(record.object_key, f"{index:05d}.png")
+        images.append(
+            {
+                "index": index,
+                "status": record.status.value if record else ImageStatus.PENDING.value,
+                "url": url,
+                "prompt_index": prompt_index,
+                "input_id": slot.input_id,
+                "created_at": _iso(record.finished_at) if record else None,
+                "error": record.error if record else None,
+                "detail": record.detail if record else None,
+            }
+        )
+    end = indices.stop
+    return {
+        "id": job.id,
+        "status": job.status.value,
+        "images_total": job.images_total,
+        "prompts": prompts,
+        "reference_ids": list(config.reference_ids) if isinstance(config, SemiAutoJobRequest) else [],
+        "images": images,
+        "next_cursor": str(end) if end < job.images_total else None,
+        "zip": zip_info(job, storage).model_dump(mode="json"),
+    }

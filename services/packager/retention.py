@@ -111,6 +111,8 @@ async def _purge_job(redis: Redis, storage: Storage, jobs_index: str, job_id: st
         pipe.sadd(keys.PURGING, job_id)
         pipe.delete(keys.job(job_id), keys.job_images(job_id))
         pipe.zrem(keys.project_jobs(project), job_id)
+        pipe.zrem(keys.project_failed_jobs(project), job_id)
+        pipe.zrem(keys.project_live_jobs(project), job_id)
         pipe.hincrby(keys.project_counts(project), str(fields["status"]), -1)
         pipe.hincrby(keys.JOB_COUNTS, str(fields["status"]), -1)
         if fields["group_id"]:

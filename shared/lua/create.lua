@@ -40,10 +40,14 @@ end
 redis.call('HSET', job_key(job_id), unpack(fields))
 redis.call('ZADD', project_jobs(project), created_at, job_id)
 if group_id ~= '' then redis.call('ZADD', group_jobs(group_id), created_at, job_id) end
-if ARGV[7] ~= '' then redis.call('HSET', job_key(ARGV[7]), 'retried_by', job_id) end
+if ARGV[7] ~= '' then
+  redis.call('HSET', job_key(ARGV[7]), 'retried_by', job_id)
+  redis.call('ZREM', project_failed_jobs(project), ARGV[7])
+end
 redis.call('HINCRBY', project_counts(project), 'queued', 1)
 redis.call('HINCRBY', JOB_COUNTS, 'queued', 1)
 redis.call('INCRBY', project_live_images(project), images)
+redis.call('ZADD', project_live_jobs(project), created_at, job_id)
 enqueue(project, job_id, tonumber(ARGV[4]) * tonumber(ARGV[5]) + seq)
 activate(project)
 redis.call('XADD', JOBS, '*', 'job_id', job_id)

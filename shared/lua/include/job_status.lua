@@ -33,7 +33,7 @@ local function count_completion(project, seconds, now)
 end
 
 -- The one way a job's status changes: keeps the per-project and global counts, the live-images
--- quota, the finished index and the user-webhook notifications in step with it.
+-- quota, the live and failed indexes and the user-webhook notifications in step with it.
 local function set_status(job_id, new, now)
   local key = job_key(job_id)
   local j = redis.call('HMGET', key, 'status', 'project', 'webhook_url', 'redo_images', 'images_total', 'created_at')
@@ -51,8 +51,15 @@ local function set_status(job_id, new, now)
   local quota_images = tonumber(j[4] or j[5] or '0')
   if LIVE[j[1]] and not LIVE[new] then
     redis.call('DECRBY', project_live_images(j[2]), quota_images)
+    redis.call('ZREM', project_live_jobs(j[2]), job_id)
   elseif LIVE[new] and not LIVE[j[1]] then
     redis.call('INCRBY', project_live_images(j[2]), quota_images)
+    redis.call('ZADD', project_live_jobs(j[2]), tonumber(j[6] or now), job_id)
+  end
+  if new == 'failed' then
+    redis.call('ZADD', project_failed_jobs(j[2]), tonumber(j[6] or now), job_id)
+  elseif j[1] == 'failed' then
+    redis.call('ZREM', project_failed_jobs(j[2]), job_id)
   end
   if FINAL[new] then
     redis.call('HSET', key, 'completed_at', now)
