@@ -1,13 +1,12 @@
 """API keys: every /api request is authenticated before its body is read.
 
-The key is looked up by its SHA-256 digest, compared with `hmac.compare_digest`: the time an
-answer takes depends on the digest of what was sent, never on how much of a real key it matched,
-and the table in memory holds digests, not keys. The project found is put in the request's scope
-for the routes (services/gateway/deps.py reads it).
+The key is looked up by its SHA-256 digest: the time an answer takes depends on the digest of
+what was sent, never on how much of a real key it matched (a dict lookup of the raw key would
+compare it byte by byte), and the table in memory holds digests, not keys. The project found is
+put in the request's scope for the routes (services/gateway/deps.py reads it).
 """
 
 import hashlib
-import hmac
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -22,14 +21,10 @@ def _digest(key: str) -> bytes:
 
 class ApiKeys:
     def __init__(self, project_for_key: dict[str, str]) -> None:
-        self._by_digest = {_digest(key): (_digest(key), project) for key, project in project_for_key.items()}
+        self._by_digest = {_digest(key): project for key, project in project_for_key.items()}
 
     def project(self, presented: str) -> str | None:
-        digest = _digest(presented)
-        found = self._by_digest.get(digest)
-        if found is None or not hmac.compare_digest(found[0], digest):
-            return None
-        return found[1]
+        return self._by_digest.get(_digest(presented))
 
 
 def bearer_token(authorization: str) -> str | None:

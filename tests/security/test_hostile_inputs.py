@@ -97,7 +97,7 @@ async def test_a_request_without_a_key_is_refused_before_its_body_is_read(api_st
         assert upload_attempt.status_code == 401
 
 
-def test_api_keys_are_held_and_compared_as_digests() -> None:
+def test_api_keys_are_held_and_looked_up_as_digests() -> None:
     table = ApiKeys({KEY_A: "project-a", "another-key-of-20-chars": "project-b"})
     assert table.project(KEY_A) == "project-a"
     assert table.project(KEY_A[:-1]) is None and table.project(KEY_A + "x") is None and table.project("") is None
