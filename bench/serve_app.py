@@ -1,7 +1,9 @@
 """ASGI factories for the gateway benchmark, served by uvicorn or granian with `--factory`.
 
-- `bunch_app`: the real gateway (services.gateway.app.create_app), logging set up as its __main__ does.
-- `bare_app`: the floor: FastAPI with one Redis write (POST) or one Redis read (GET) per request.
+- `bunch_app`: the real gateway (services.gateway.app.create_app), logging set up as its __main__ does;
+  the closed loop serves it. The open loop runs the gateway as deployed, `python -m services.gateway`.
+- `bare_app`: the floor: FastAPI with one Redis write (POST) or one Redis read (GET) per request;
+  both loops compare the gateway with it.
 """
 
 import json
@@ -12,11 +14,13 @@ from typing import Any
 from fastapi import Body, FastAPI
 from redis.asyncio import Redis
 
-from services.gateway.app import create_app
-from shared import logs
-
 
 def bunch_app() -> FastAPI:
+    # Imported here, so the bare app's process holds none of the gateway's modules (memory, import
+    # time) and still starts while the gateway's code is being changed.
+    from services.gateway.app import create_app
+    from shared import logs
+
     logs.configure("gateway")
     return create_app()
 

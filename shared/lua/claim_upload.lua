@@ -5,13 +5,13 @@
 -- KEYS: [1] the upload's holders (its records in every project that sent it), [2] the
 --       uploads-in-use index, [3] the uploads-being-deleted index
 -- ARGV: [1] upload_id, [2] cutoff, [3] now
--- Returns: DONE (claimed), or REFUSED (used since the cutoff)
+-- Returns: {DONE} (claimed), or {REFUSED} (used since the cutoff)
 
 local upload_id, cutoff, now = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local used = redis.call('ZSCORE', KEYS[2], upload_id)
-if used and tonumber(used) > cutoff then return REFUSED end
+if used and tonumber(used) > cutoff then return {REFUSED} end
 for _, record in ipairs(redis.call('SMEMBERS', KEYS[1])) do redis.call('DEL', record) end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], upload_id)
 redis.call('ZADD', KEYS[3], now, upload_id)
-return DONE
+return {DONE}

@@ -1,17 +1,18 @@
 -- Store a new queued job, all or nothing, in one call: check that its uploads exist and that the
 -- project's quotas allow it, resolve its group by name if asked, then write its FIFO sequence
 -- number, its hash, the project's and group's indexes and counts, its place in the project's queue
--- (so the 202 answer's job already has one) and the stream message that wakes the dispatchers.
+-- (so the 202 answer's job already has one), and publish the news that wakes idle dispatchers.
 --
--- KEYS: the job's uploads' records (distinct): each must exist
+-- KEYS: the job's uploads' records (distinct): each must exist (every other key is derived)
 -- ARGV: [1] job_id, [2] project, [3] created_at, [4] priority, [5] priority_scale, [6] group_id or
 --       '', [7] retry_of or '', [8] the job's fields as a JSON object of strings (one argument:
 --       redis-py packs each argument in Python, and some forty of them cost the gateway more than
 --       decoding JSON costs Redis), [9] a group name to resolve instead of a group_id, or '',
 --       [10] the id for the group if it is new, [11] the job's images, [12] the project's
 --       live-images quota (0: none), [13] the project's jobs-per-minute quota (0: none)
--- Returns: {DONE, sequence number, group id or ''}, {MISSING, {1-based positions in KEYS}}, or
---          {OVER_QUOTA, 'images' or 'jobs_per_minute', seconds to retry after, images now}
+-- Returns: {DONE, sequence number, group id or ''}, {MISSING, {1-based positions in KEYS}},
+--          {OVER_QUOTA, 'images', seconds to retry after, images now}, or
+--          {OVER_QUOTA, 'jobs_per_minute', seconds to retry after}
 --- @include "groups"
 --- @include "fair_share"
 --- @include "job_status"
@@ -50,5 +51,5 @@ redis.call('INCRBY', project_live_images(project), images)
 redis.call('ZADD', project_live_jobs(project), created_at, job_id)
 enqueue(project, job_id, tonumber(ARGV[4]) * tonumber(ARGV[5]) + seq)
 activate(project)
-redis.call('XADD', JOBS, '*', 'job_id', job_id)
+redis.call('PUBLISH', JOBS_CHANNEL, project)
 return {DONE, seq, group_id}

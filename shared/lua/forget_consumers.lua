@@ -5,7 +5,7 @@
 --
 -- KEYS: [1] the stream
 -- ARGV: [1] group, [2] idle milliseconds, [3] the caller's own consumer name (never forgotten)
--- Returns: the names forgotten
+-- Returns: {DONE, {the names forgotten}}
 
 local forgotten = {}
 for _, flat in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
@@ -16,4 +16,4 @@ for _, flat in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
     forgotten[#forgotten + 1] = consumer.name
   end
 end
-return forgotten
+return {DONE, forgotten}

@@ -9,8 +9,8 @@
 --
 -- KEYS: [1] the job's hash
 -- ARGV: [1] job_id
--- Returns: {the FIELDS' values, its queue score or nil, jobs ahead, runs ahead, average run seconds
---          or nil, the project's share of the capacity (0 to 1) as a string}
+-- Returns: {DONE, {the FIELDS' values}, its queue score or nil, jobs ahead, runs ahead, average run
+--          seconds or nil, the project's share of the capacity (0 to 1) as a string}
 --- @include "fair_share"
 
 local job_id = ARGV[1]
@@ -18,7 +18,7 @@ local key = KEYS[1]
 local record = {}
 if #FIELDS > 0 then record = redis.call('HMGET', key, unpack(FIELDS)) end
 local j = redis.call('HMGET', key, 'project', 'status', 'runs_started')
-if not LIVE[j[2]] then return {record, false, 0, 0, false, '1'} end
+if not LIVE[j[2]] then return {DONE, record, false, 0, 0, false, '1'} end
 local project = j[1]
 local queue = project_queue(project)
 local score = redis.call('ZSCORE', queue, job_id)
@@ -34,4 +34,4 @@ if score and tonumber(j[3] or '0') == 0 then
 end
 local w = weight(project)
 local share = w / math.max(w, tonumber(redis.call('GET', BACKLOG_WEIGHT) or '0'))
-return {record, score, ahead, runs, avg, tostring(share)}
+return {DONE, record, score, ahead, runs, avg, tostring(share)}

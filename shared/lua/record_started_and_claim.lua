@@ -11,8 +11,8 @@
 -- ARGV: [1] global cap, [2] now, [3] the webhook deadline of the runs started now, [4] per-project
 --       cap (0: none), [5] runs per minute (0: unlimited), [6] limit, then run_id, attempt,
 --       runpod_id triples of the runs started since the last call
--- Returns: {claimed run_id, attempt pairs, flat (fewer than `limit`: nothing more can start now),
---          a 1 or 0 per started run given (0: no longer live, the caller stops it on RunPod)}
+-- Returns: {DONE, {claimed run_id, attempt pairs, flat (fewer than `limit`: nothing more can start
+--          now)}, {a 1 or 0 per started run given (0: no longer live, the caller stops it on RunPod)}}
 --- @include "fair_share"
 --- @include "job_status"
 
@@ -131,4 +131,4 @@ for order = 0, tonumber(ARGV[6]) - 1 do
   claimed[#claimed + 1] = one[1]
   claimed[#claimed + 1] = one[2]
 end
-return {claimed, recorded}
+return {DONE, claimed, recorded}

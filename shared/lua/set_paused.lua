@@ -2,7 +2,7 @@
 --
 -- KEYS: [1] the project's pause switch
 -- ARGV: [1] project, [2] 1 to pause, 0 to resume
--- Returns: DONE
+-- Returns: {DONE}
 --- @include "fair_share"
 
 local project = ARGV[1]
@@ -14,4 +14,4 @@ else
   redis.call('DEL', KEYS[1])
   wake(project)
 end
-return DONE
+return {DONE}

@@ -3,7 +3,7 @@
 --
 -- KEYS: [1] the weights hash, [2] the backlog hash, [3] the backlog's total weight
 -- ARGV: project, weight pairs (every other project weighs 1)
--- Returns: the number of projects in the backlog
+-- Returns: {DONE, the number of projects in the backlog}
 --- @include "fair_share"
 
 redis.call('DEL', KEYS[1])
@@ -16,4 +16,4 @@ for _, project in ipairs(backlog) do
   total = total + w
 end
 redis.call('SET', KEYS[3], total)
-return #backlog
+return {DONE, #backlog}

@@ -5,7 +5,7 @@
 --
 -- KEYS: [1] the stream
 -- ARGV: none
--- Returns: the number of entries trimmed
+-- Returns: {DONE, the number of entries trimmed}
 
 local function id_parts(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -16,7 +16,7 @@ local function earlier(a, b)
   local bm, bs = id_parts(b)
   return am < bm or (am == bm and as < bs)
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {DONE, 0} end
 local floor = nil
 for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local group = {}
@@ -26,5 +26,5 @@ for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   if pending[1] > 0 and earlier(pending[2], bound) then bound = pending[2] end
   if not floor or earlier(bound, floor) then floor = bound end
 end
-if not floor then return 0 end
-return redis.call('XTRIM', KEYS[1], 'MINID', '~', floor)
+if not floor then return {DONE, 0} end
+return {DONE, redis.call('XTRIM', KEYS[1], 'MINID', '~', floor)}

@@ -4,14 +4,14 @@
 -- KEYS: [1] the run's hash, [2] the job's hash, [3] the job's images hash
 -- ARGV: [1] run_id, [2] job_id, [3] attempt, [4] now, [5] the run's status (succeeded or failed),
 --       [6] images succeeded, [7] images failed, [8] tokens, then index, record (JSON) pairs
--- Returns: DONE, or REFUSED (that attempt is no longer in flight: an outcome delivered again)
+-- Returns: {DONE}, or {REFUSED} (that attempt is no longer in flight: an outcome delivered again)
 --- @include "fair_share"
 --- @include "job_status"
 
 local run_id, job_id, now = ARGV[1], ARGV[2], tonumber(ARGV[4])
 local rkey, jkey = KEYS[1], KEYS[2]
 local r = redis.call('HMGET', rkey, 'attempt', 'status', 'dispatched_at', 'project')
-if r[1] ~= ARGV[3] or not run_may(r[2], ARGV[5]) then return REFUSED end
+if r[1] ~= ARGV[3] or not run_may(r[2], ARGV[5]) then return {REFUSED} end
 redis.call('HSET', rkey, 'status', ARGV[5], 'finished_at', now)
 redis.call('EXPIRE', rkey, 7 * 86400)
 leave_running(run_id, r[4])
@@ -38,4 +38,4 @@ if done >= tonumber(j[2]) and job_may(j[1], 'packaging') then
 else
   emit(job_id, 'progress')
 end
-return DONE
+return {DONE}

@@ -3,13 +3,13 @@
 --
 -- KEYS: [1] the run's hash
 -- ARGV: [1] run_id, [2] attempt, [3] ready_at, [4] 1 for a new attempt, else 0, [5] reason
--- Returns: the attempt it will run as, or REFUSED (that attempt is no longer the run's live one)
+-- Returns: {DONE, the attempt it will run as}, or {REFUSED} (that attempt is no longer live)
 --- @include "fair_share"
 
 local r = redis.call('HMGET', KEYS[1], 'attempt', 'status', 'project')
-if r[1] ~= ARGV[2] or not run_may(r[2], 'queued') then return REFUSED end
+if r[1] ~= ARGV[2] or not run_may(r[2], 'queued') then return {REFUSED} end
 local attempt = tonumber(ARGV[2]) + tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'attempt', attempt, 'status', 'queued', 'runpod_id', '', 'last_error', ARGV[5])
 leave_running(ARGV[1], r[3])
 redis.call('ZADD', RETRY, ARGV[3], ARGV[1])
-return attempt
+return {DONE, attempt}
