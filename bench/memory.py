@@ -1,6 +1,6 @@
 """Redis memory per finished and per queued image as history grows: is Redis bounded?
 
-Drives the services' own scripts directly through JobStore (not the whole stack: 100,000 images
+Drives the services' own scripts directly through the stores (not the whole stack: 100,000 images
 through RunPod and Gemini emulators would take most of an hour on 2 cores), against a private
 redis-server and moto's S3 server: jobs of 40 images (10 runs of 4) are created, every run is
 claimed and completed with realistic image records, the job is completed as the packager does
@@ -10,7 +10,7 @@ first 200 jobs (scripts loaded, per-project keys set up, the job indexes past th
 Redis changes their encoding: fixed costs, not history).
 
 What the services consume and trim in production is trimmed here the same way before each reading
-(the job and packaging streams: the dispatcher and packager acknowledge and trim them). The events
+(the packaging and notification streams: the packager acknowledges and trims them). The events
 stream is a fixed resume window for SSE clients (the last 100,000 entries), not history: it is
 reported on its own and left out of the per-image figures.
 
@@ -30,10 +30,12 @@ from bench.common import Report, parser
 from deploy.processes import scratch_dir, start_redis, start_s3
 from shared import keys
 from shared.archive import JobArchive
-from shared.jobstore import Completion, ImageRecord, JobStore
 from shared.models import ImageStatus, JobStatus, RunStatus, SemiAutoJobRequest
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.stores.jobs import JobStore
+from shared.stores.records import Completion, ImageRecord
+from shared.stores.runs import RunStore
 
 BENCH = "memory"
 JOB_IMAGES = 40
@@ -45,7 +47,7 @@ CONFIG = SemiAutoJobRequest(
 )
 CHECKPOINTS = (10_000, 25_000, 50_000, 100_000)
 WARM_UP_JOBS = 200
-TRIMMED_STREAMS = (keys.JOBS_STREAM, keys.PACKAGING_STREAM, keys.NOTIFICATIONS_STREAM)
+TRIMMED_STREAMS = (keys.PACKAGING_STREAM, keys.NOTIFICATIONS_STREAM)
 
 
 async def used_memory(redis: Redis) -> int:
@@ -75,20 +77,20 @@ def image_records(run_id: str, attempt: int, slots: list[int]) -> dict[int, Imag
     }
 
 
-async def finish_jobs(store: JobStore, count: int) -> None:
+async def finish_jobs(store: JobStore, runs: RunStore, count: int) -> None:
     """`count` jobs created, run, completed and archived as the services would."""
     jobs = await asyncio.gather(*(store.create("bench", CONFIG, group_name=CONFIG.group) for _ in range(count)))
-    runs: list[tuple[str, int]] = []
-    while claimed := (await store.acquire_many(time.time(), time.time() + 600, 16)).runs:
-        runs += claimed
-    assert len(runs) == sum(job.runs_total for job in jobs), len(runs)
+    claims: list[tuple[str, int]] = []
+    while claimed := (await runs.acquire_many(time.time(), time.time() + 600, 16)).runs:
+        claims += claimed
+    assert len(claims) == sum(job.runs_total for job in jobs), len(claims)
 
     async def complete(run_id: str, attempt: int) -> None:
-        slots = list(await store.run_slots(run_id, CONFIG))
+        slots = list(await runs.run_slots(run_id, CONFIG))
         records = image_records(run_id, attempt, slots)
-        assert await store.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, records))
+        assert await runs.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, records))
 
-    await asyncio.gather(*(complete(run_id, attempt) for run_id, attempt in runs))
+    await asyncio.gather(*(complete(run_id, attempt) for run_id, attempt in claims))
 
     async def package(job_id: str) -> None:
         assert await store.transition(job_id, JobStatus.PACKAGING, JobStatus.COMPLETED, zip_bytes=1_000_000)
@@ -119,14 +121,15 @@ async def main_async(args: Any) -> int:
         storage = Storage(settings)
         await storage.ensure_bucket()
         store = JobStore(redis, settings, JobArchive(storage))
+        runs = RunStore(redis, settings)
         for _ in range(WARM_UP_JOBS // 10):
-            await finish_jobs(store, 10)
+            await finish_jobs(store, runs, 10)
         base = await used_memory(redis)
         checkpoints = [c for c in CHECKPOINTS if c <= args.images]
         finished = 0
         for checkpoint in checkpoints:
             while finished < checkpoint:
-                await finish_jobs(store, 10)
+                await finish_jobs(store, runs, 10)
                 finished += 10 * JOB_IMAGES
             readings.append((finished, await used_memory(redis) - base, await redis.memory_usage(keys.EVENTS_STREAM)))
             print(f"  {finished} images finished: {readings[-1][1] / finished:.1f} B each", flush=True)
@@ -161,7 +164,7 @@ async def main_async(args: Any) -> int:
     report.add(BENCH, "Redis per queued image (jobs of 40, project paused)", f"{per_queued:.1f} B")
     report.note(
         BENCH,
-        f"""Scripts driven through JobStore against a private redis-server and moto's S3 server, not the
+        f"""Scripts driven through the stores against a private redis-server and moto's S3 server, not the
 whole stack (100,000 images through the emulators would take most of an hour on 2 cores): semi_auto
 jobs of {JOB_IMAGES} images, every run claimed and completed with full image records, each job
 completed as the packager does (no ZIP built) and archived by JobStore.archive_job, the packager's

@@ -31,8 +31,8 @@ from bench.common import (
     wait_idle,
 )
 from shared import keys
-from shared.jobstore import JobStore
 from shared.settings import Settings
+from shared.stores.jobs import JobStore
 
 B5 = "5 scale"
 JSON = {"content-type": "application/json"}
@@ -75,7 +75,6 @@ async def main_async(args: Any) -> int:
                     assert resp.status == 202, answer
                 accept_times.append(time.perf_counter() - started)
                 job_ids.append(answer["id"])
-            await asyncio.sleep(2.0)  # the dispatcher has read the jobs stream (admit is a no-op)
             after = await used_memory(redis)
             job = await redis.hmget(keys.job(job_ids[0]), ["runs_total", "images_total"])
             runs_total, images_total = int(job[0]), int(job[1])

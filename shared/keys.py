@@ -3,7 +3,6 @@
 PREFIX = "bunch"
 
 # Streams (each read by one consumer group; every consumer is idempotent).
-JOBS_STREAM = f"{PREFIX}:jobs"  # gateway -> dispatcher: a job was accepted
 TASK_RESULTS_STREAM = f"{PREFIX}:task-results"  # gateway webhook / dispatcher poller -> dispatcher
 PACKAGING_STREAM = f"{PREFIX}:packaging"  # dispatcher -> packager: every run of a job is final
 EVENTS_STREAM = f"{PREFIX}:events"  # status and progress changes, for live views
@@ -13,13 +12,16 @@ DOWNLOADS_STREAM = f"{PREFIX}:downloads"  # gateway -> packager: build a multi-g
 NOTIFICATIONS_STREAM = f"{PREFIX}:notifications"  # a job with a webhook_url reached a final status
 CONTROL_STREAM = f"{PREFIX}:control"  # gateway -> dispatcher: cancel these RunPod runs
 
+# Pub/Sub: a job was queued (published by shared/lua/create.lua). It carries no work: the job is
+# already in its project's queue, and a dispatcher that misses the message finds it on its next poll.
+JOBS_CHANNEL = f"{PREFIX}:jobs-queued"
+
 DISPATCHER_GROUP = "dispatcher"
 PACKAGER_GROUP = "packager"
 NOTIFIER_GROUP = "notifier"
 
 # Every stream a consumer group reads, with its group (EVENTS_STREAM is read by SSE clients, not a group).
 CONSUMED_STREAMS = (
-    (JOBS_STREAM, DISPATCHER_GROUP),
     (TASK_RESULTS_STREAM, DISPATCHER_GROUP),
     (CONTROL_STREAM, DISPATCHER_GROUP),
     (PACKAGING_STREAM, PACKAGER_GROUP),

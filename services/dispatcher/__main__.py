@@ -10,12 +10,14 @@ from services.dispatcher.dispatch import Dispatcher
 from services.dispatcher.poller import Poller
 from services.dispatcher.results import ResultHandler
 from services.dispatcher.runpod_client import RunPodClient
+from services.dispatcher.wakeups import JobWakeups
 from shared import keys, logs, metrics
-from shared.jobstore import JobStore
 from shared.lifecycle import run_until_signalled, settle_garbage_collector
 from shared.secret_policy import refuse_unsafe_secrets
 from shared.settings import get_settings
 from shared.storage import Storage
+from shared.stores.jobs import JobStore
+from shared.stores.runs import RunStore
 from shared.streams import StreamConsumer, connect, consumer_name
 
 
@@ -24,6 +26,7 @@ async def main() -> None:
     refuse_unsafe_secrets(settings)
     redis = connect(settings)
     store = JobStore(redis, settings)
+    runs = RunStore(redis, settings)
     await store.set_weights(settings.weight_by_project())
     storage = Storage(settings)
     wakeup = asyncio.Event()
@@ -37,19 +40,14 @@ async def main() -> None:
             attempts=settings.runpod_request_attempts,
         )
         configs = ConfigCache(store)
-        dispatcher = Dispatcher(store, configs, storage, runpod, settings, wakeup)
-        results = ResultHandler(store, configs, settings, dispatcher.complete, storage)
-
-        async def admit(fields: dict[str, str]) -> None:
-            if await store.admit(fields["job_id"]):
-                wakeup.set()
+        dispatcher = Dispatcher(runs, configs, storage, runpod, settings, wakeup)
+        results = ResultHandler(runs, configs, settings, dispatcher.complete, storage)
 
         async def record_result(fields: dict[str, str]) -> None:
             await results(fields)
             wakeup.set()
 
         idle = settings.stream_claim_idle_ms
-        jobs = StreamConsumer(redis, keys.JOBS_STREAM, keys.DISPATCHER_GROUP, name, admit, claim_idle_ms=idle)
         # Concurrent: each result waits on object storage (services/dispatcher/verify.py), and
         # results of different runs do not depend on each other.
         outcomes = StreamConsumer(
@@ -64,10 +62,12 @@ async def main() -> None:
         control = StreamConsumer(
             redis, keys.CONTROL_STREAM, keys.DISPATCHER_GROUP, name, dispatcher.handle_control, claim_idle_ms=idle
         )
-        poller = Poller(store, redis, runpod, settings)
+        poller = Poller(runs, redis, runpod, settings)
+        # No stream for new jobs: create.lua queues each one itself and only announces it on Pub/Sub.
+        wakeups = JobWakeups(redis, wakeup)
         exporter = await metrics.serve(redis, settings.metrics_port) if settings.metrics_port else None
         settle_garbage_collector()
-        await run_until_signalled([jobs.run, outcomes.run, control.run, dispatcher.run, poller.run])
+        await run_until_signalled([wakeups.run, outcomes.run, control.run, dispatcher.run, poller.run])
         if exporter is not None:
             await exporter.cleanup()
     await redis.aclose()

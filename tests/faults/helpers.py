@@ -47,7 +47,6 @@ FAST_WORKER = {
 
 # Every consumer group of every stream the services read.
 GROUPS = {
-    keys.JOBS_STREAM: keys.DISPATCHER_GROUP,
     keys.TASK_RESULTS_STREAM: keys.DISPATCHER_GROUP,
     keys.CONTROL_STREAM: keys.DISPATCHER_GROUP,
     keys.PACKAGING_STREAM: keys.PACKAGER_GROUP,

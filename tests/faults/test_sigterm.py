@@ -56,7 +56,7 @@ async def test_dispatcher_stops_cleanly_mid_job(stack: Stack, api: httpx.AsyncCl
     # Nothing half-done: every run it claimed is on RunPod with its id recorded, or back in a queue.
     for run_id in await redis.zrange(keys.RUNNING, 0, -1):
         assert await redis.hget(keys.run(run_id), "runpod_id"), run_id
-    for stream in (keys.JOBS_STREAM, keys.TASK_RESULTS_STREAM, keys.CONTROL_STREAM):
+    for stream in (keys.TASK_RESULTS_STREAM, keys.CONTROL_STREAM):
         assert await held(redis, stream, keys.DISPATCHER_GROUP, "dispatcher-0") == 0
     assert int(await redis.hget(keys.job(job_id), "runs_done") or 0) < 50
     stack.start_service("dispatcher", 0)

@@ -1,4 +1,4 @@
-"""Two real stacks for the bad-input and security tests (issue 4), every part its own process.
+"""Two real stacks for the bad-input and security tests, every part its own process.
 
 - `api_stack`: redis-server, the S3 server and the gateway only. Nothing dispatches, so fuzzed and
   hostile requests cannot start paid work, and every accepted job stays queued where it can be read.
@@ -15,6 +15,7 @@ from minio import Minio
 from redis.asyncio import Redis
 
 from deploy.stack import EMULATOR_KEY, Stack
+from shared import keys
 from tests.stack_helpers import client, redis_of, running_stack
 
 MIB = 1024 * 1024
@@ -107,5 +108,5 @@ async def stored_state(stack: Stack, redis: Redis) -> dict[str, Any]:
         "objects": bucket_objects(stack),
         "uploads": {key async for key in redis.scan_iter("bunch:project:*:upload:*")},
         "datasets": {key async for key in redis.scan_iter("bunch:dataset:*")},
-        "jobs": await redis.xlen("bunch:jobs") if await redis.exists("bunch:jobs") else 0,
+        "jobs": await redis.get(keys.JOB_SEQUENCE),  # counts every job ever created
     }
