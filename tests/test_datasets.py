@@ -15,8 +15,8 @@ from PIL import Image
 from redis.asyncio import Redis
 
 from deploy.stack import Stack
-from services.gateway.datasets import dataset_input_ids
 from shared import keys
+from shared.stores.datasets import DatasetStore
 from tests.stack_helpers import client, png_bytes, redis_of, running_stack, wait_final
 
 KEY_A, KEY_B = "key-a", "key-b"
@@ -129,11 +129,11 @@ async def test_zip_entries_are_each_checked_and_bad_ones_reported(api: httpx.Asy
     ]
     # Archive order, and each input is an upload of this project like POST /api/uploads makes.
     expected = [upload_id(data) for data in (good[0], good[1], good[2], good[3], good[4])]
-    assert await dataset_input_ids(redis, "project-a", body["id"]) == expected
+    assert await DatasetStore(redis).input_ids("project-a", body["id"]) == expected
     for input_id in expected:
         assert await redis.exists(keys.upload("project-a", input_id))
-    assert await dataset_input_ids(redis, "project-b", body["id"]) is None
-    assert await dataset_input_ids(redis, "project-a", "nope") is None
+    assert await DatasetStore(redis).input_ids("project-b", body["id"]) is None
+    assert await DatasetStore(redis).input_ids("project-a", "nope") is None
 
     details = await api.get(f"/api/datasets/{body['id']}")
     assert details.status_code == 200
@@ -151,9 +151,9 @@ async def test_dataset_ids_are_checked_before_they_name_a_key(api: httpx.AsyncCl
         response = await api.get(f"/api/datasets/{malformed}")
         assert response.status_code == 404, (malformed, response.text)
         assert response.json()["detail"] == "No such dataset in this project."
-        assert await dataset_input_ids(redis, "project-a", malformed) is None
+        assert await DatasetStore(redis).input_ids("project-a", malformed) is None
     assert (await api.get(f"/api/datasets/{dataset_id}")).status_code == 200
-    assert await dataset_input_ids(redis, "project-a", dataset_id) == [upload_id(png_bytes(20, 20, seed=77))]
+    assert await DatasetStore(redis).input_ids("project-a", dataset_id) == [upload_id(png_bytes(20, 20, seed=77))]
 
 
 async def test_copies_in_many_files_are_reported_and_checked_once(api: httpx.AsyncClient, redis: Redis) -> None:
@@ -170,7 +170,7 @@ async def test_copies_in_many_files_are_reported_and_checked_once(api: httpx.Asy
         {"name": "bad-again.png", "reason": "the file is not an image"},
         {"name": "c.png", "reason": "same image as a.png"},
     ]
-    assert await dataset_input_ids(redis, "project-a", response.json()["id"]) == [upload_id(good)]
+    assert await DatasetStore(redis).input_ids("project-a", response.json()["id"]) == [upload_id(good)]
 
 
 async def test_many_files_make_a_dataset_too(api: httpx.AsyncClient, redis: Redis) -> None:
@@ -186,7 +186,7 @@ async def test_many_files_make_a_dataset_too(api: httpx.AsyncClient, redis: Redi
         {"name": "readme.png", "reason": "the file is not an image"},
         {"name": "more.zip", "reason": "an archive among other files (send a ZIP on its own)"},
     ]
-    assert await dataset_input_ids(redis, "project-a", body["id"]) == [upload_id(data) for data in images]
+    assert await DatasetStore(redis).input_ids("project-a", body["id"]) == [upload_id(data) for data in images]
 
 
 async def test_unusable_uploads_get_clear_client_errors(api: httpx.AsyncClient) -> None:
@@ -239,7 +239,7 @@ async def test_2000_image_dataset_is_accepted_quickly_in_bounded_memory(
     assert response.status_code == 201, response.text
     body = response.json()
     assert body["count"] == 2000 and body["rejected"] == []
-    assert await dataset_input_ids(redis, "project-a", body["id"]) == [upload_id(data) for data in images]
+    assert await DatasetStore(redis).input_ids("project-a", body["id"]) == [upload_id(data) for data in images]
     gateway = stack.processes["gateway-0"].popen
     assert gateway is not None
     peak = peak_rss_mib(gateway.pid)

@@ -11,10 +11,11 @@ from PIL import Image
 from redis.asyncio import Redis
 
 from deploy.stack import Stack
-from services.gateway.group_views import MAX_IMAGE_PAGE, MAX_JOB_PAGE, MAX_SLOTS_EXAMINED, Place
-from services.gateway.groups import GroupDetails, resolve_group
+from services.gateway.group_pages import MAX_IMAGE_PAGE, MAX_JOB_PAGE, MAX_SLOTS_EXAMINED, Place
+from services.gateway.schemas.groups import GroupDetails
 from shared import keys
-from shared.jobstore import MissingKeys
+from shared.errors import MissingKeys
+from shared.stores.groups import GroupStore
 from tests.stack_helpers import client, emulator, png_bytes, redis_of, running_stack, submit, upload, wait_final
 
 KEY_A, KEY_B = "key-a", "key-b"
@@ -248,7 +249,7 @@ async def until_some_succeeded(api: httpx.AsyncClient, job_id: str, stack: Stack
 
 
 async def test_resolve_group_creates_one_group_under_concurrency(redis: Redis) -> None:
-    resolved = await asyncio.gather(*(resolve_group(redis, "project-c", "same name") for _ in range(20)))
+    resolved = await asyncio.gather(*(GroupStore(redis).resolve("project-c", "same name") for _ in range(20)))
     assert len(set(resolved)) == 1
     group_id, name = resolved[0]
     assert name == "same name"
@@ -259,19 +260,19 @@ async def test_resolve_group_creates_one_group_under_concurrency(redis: Redis) -
         "name": "same name",
         "project": "project-c",
     }
-    assert await resolve_group(redis, "project-c", group_id) == (group_id, "same name")
+    assert await GroupStore(redis).resolve("project-c", group_id) == (group_id, "same name")
     # Another project's id is only a name there.
-    other_id, other_name = await resolve_group(redis, "project-d", group_id)
+    other_id, other_name = await GroupStore(redis).resolve("project-d", group_id)
     assert other_id != group_id and other_name == group_id
 
 
 async def test_resolve_group_creates_nothing_unless_the_required_keys_exist(redis: Redis) -> None:
     present = [f"test:required:{n}" for n in range(2500)]  # more than one EXISTS slice of 1,000
     await redis.mset(dict.fromkeys(present, "1"))
-    assert (await resolve_group(redis, "project-e", "needs keys", required=present))[1] == "needs keys"
+    assert (await GroupStore(redis).resolve("project-e", "needs keys", required=present))[1] == "needs keys"
     required = [*present[:1500], "test:required:absent-1", *present[1500:], "test:required:absent-2"]
     with pytest.raises(MissingKeys) as missing:
-        await resolve_group(redis, "project-f", "never made", required=required)
+        await GroupStore(redis).resolve("project-f", "never made", required=required)
     assert missing.value.indices == [1500, 2501]
     assert await redis.hgetall(keys.project_groups("project-f")) == {}
     await redis.delete(*present)

@@ -13,7 +13,7 @@ from PIL import Image
 from redis.asyncio import Redis
 
 from deploy.stack import Stack
-from services.gateway.schemas import JobResults
+from services.gateway.schemas.jobs import JobResults
 from shared import keys
 from tests.stack_helpers import (
     client,

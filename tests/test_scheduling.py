@@ -11,11 +11,11 @@ import pytest
 from redis.asyncio import Redis
 
 from deploy.stack import Stack
-from services.gateway.jobs import MAX_EXAMINED
+from services.gateway.routes.jobs import MAX_EXAMINED
 from shared import keys
-from shared.jobstore import JobStore
 from shared.models import SemiAutoJobRequest
 from shared.settings import Settings
+from shared.stores.jobs import JobStore
 from tests.stack_helpers import client, download_zip, emulator, redis_of, running_stack, submit, wait_final
 
 CAP = 4

@@ -16,8 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from fastapi import HTTPException
-
+from shared.errors import Invalid, TooLarge
 from shared.settings import Settings
 
 MIB = 1024 * 1024
@@ -104,11 +103,11 @@ def open_archive(file: IO[bytes], settings: Settings) -> zipfile.ZipFile:
     """Blocking. The archive after the checks that refuse it as a whole."""
     declared = _declared_entries(file)
     if declared is not None and declared > settings.max_dataset_entries:
-        raise HTTPException(413, f"The archive has {declared} entries; at most {settings.max_dataset_entries}.")
+        raise TooLarge(f"The archive has {declared} entries; at most {settings.max_dataset_entries}.")
     try:
         return zipfile.ZipFile(file)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise HTTPException(422, f"The file is not a readable ZIP archive ({exc}).") from None
+        raise Invalid(f"The file is not a readable ZIP archive ({exc}).") from None
 
 
 def open_entries(file: IO[bytes], settings: Settings) -> tuple[zipfile.ZipFile, list[Entry]]:
@@ -134,9 +133,8 @@ def _data_end(file: IO[bytes], info: zipfile.ZipInfo) -> int | None:
     return info.header_offset + _LOCAL_HEADER.size + name_length + extra_length + info.compress_size
 
 
-def _overlap(first: str, second: str) -> HTTPException:
-    return HTTPException(
-        413,
+def _overlap(first: str, second: str) -> TooLarge:
+    return TooLarge(
         f"The archive's entries {first!r} and {second!r} share bytes: refused as a possible ZIP bomb "
         "(overlapping entries unpack the same data many times).",
     )
@@ -190,18 +188,14 @@ def zip_entries(archive: zipfile.ZipFile, file: IO[bytes], settings: Settings) -
 
         entries.append(Entry(info.filename, read=read))
     if candidates > settings.max_inputs_per_job:
-        raise HTTPException(
-            413, f"The archive has {candidates} files; a dataset holds at most {settings.max_inputs_per_job}."
-        )
+        raise TooLarge(f"The archive has {candidates} files; a dataset holds at most {settings.max_inputs_per_job}.")
     _check_layout(archive, file, [info for _, info in first_at.values()])
     if total > settings.max_dataset_bytes:
-        raise HTTPException(
-            413,
+        raise TooLarge(
             f"The archive unpacks to {total // MIB} MB; at most {settings.max_dataset_bytes // MIB} MB per dataset.",
         )
     if total > ARCHIVE_BOMB_MIN_BYTES and total > BOMB_RATIO * max(compressed, 1):
-        raise HTTPException(
-            413,
+        raise TooLarge(
             f"The archive unpacks to {total // MIB} MB from {max(compressed // 1024, 1)} KB, more than "
             f"{BOMB_RATIO}:1: refused as a possible ZIP bomb (images barely compress in a ZIP).",
         )

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import TypeVar
 
-from fastapi import HTTPException
+from shared.errors import TooLarge
 
 T = TypeVar("T")
 
@@ -32,11 +32,8 @@ NICENESS = 10
 MEGAPIXEL = 1_000_000
 
 
-class OverBudget(HTTPException):
-    """A dataset costs more to check than a request may spend: 413, and nothing is stored."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(413, detail)
+class OverBudget(TooLarge):
+    """A dataset costs more to check than a request may spend; nothing is stored."""
 
 
 class Budget:

@@ -1,4 +1,4 @@
-"""POST /api/datasets: the inputs of an automatic job at once, as one ZIP archive or many files.
+"""Checking and storing a dataset: the inputs of an automatic job at once, as one ZIP or many files.
 
 A ZIP is never held in memory: the multipart parser spools it to a temporary file, zipfile reads
 its central directory from that file, and every entry is judged from the directory before anything
@@ -12,56 +12,28 @@ at a time; a small dataset is kept in memory instead): a refused one leaves noth
 
 import asyncio
 import hashlib
-import time
-import uuid
 import zipfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import partial
-from typing import IO, Annotated
+from typing import IO
 
-from fastapi import APIRouter, File, HTTPException, UploadFile, status
-from pydantic import BaseModel
-from redis.asyncio import Redis
+from fastapi import UploadFile
 
 from services.gateway.dataset_archive import ARCHIVE_SUFFIXES, Entry, open_entries
 from services.gateway.dataset_costs import Budget, run_blocking
-from services.gateway.deps import ProjectDep, RedisDep, SettingsDep, StorageDep
+from services.gateway.deps import Services
 from services.gateway.images import CheckedImage, ImageRejected, check_image
-from services.gateway.schemas import API_PROBLEMS, problems
-from services.gateway.uploads import store_upload
-from shared import keys
-from shared.ids import is_id
+from services.gateway.intake import store_upload
+from services.gateway.schemas.datasets import Rejected
+from shared.errors import Invalid, TooLarge
 from shared.settings import Settings
-from shared.storage import Storage
 
-router = APIRouter(prefix="/api/datasets", tags=["datasets"], responses=API_PROBLEMS)
-
-NOT_FOUND = "No such dataset in this project."
 STORE_CONCURRENCY = 8  # images stored at once: S3 round trips overlap, memory stays bounded
 # Checked images held in memory until they are stored, per request: a small dataset is read once,
 # and storing it needs no turn in the dataset pool.
 KEEP_BYTES = 8 * 1024 * 1024
 MAX_FILES = 20_000  # files of one multipart request (the dataset limit itself is in settings)
 _READ_ERRORS = (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError)
-
-
-class Rejected(BaseModel):
-    name: str
-    reason: str
-
-
-class DatasetCreated(BaseModel):
-    id: str
-    count: int
-    rejected: list[Rejected]
-    created_at: datetime
-
-
-class DatasetView(BaseModel):
-    id: str
-    count: int
-    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +60,9 @@ def _read_spooled(file: IO[bytes], limit: int) -> bytes:
     return file.read(limit + 1)
 
 
-def _file_entries(files: list[UploadFile], settings: Settings) -> list[Entry]:
+def file_entries(files: list[UploadFile], settings: Settings) -> list[Entry]:
     if len(files) > settings.max_inputs_per_job:
-        raise HTTPException(413, f"{len(files)} files; a dataset holds at most {settings.max_inputs_per_job}.")
+        raise TooLarge(f"{len(files)} files; a dataset holds at most {settings.max_inputs_per_job}.")
     entries = []
     for position, file in enumerate(files):
         name = file.filename or f"file {position + 1}"
@@ -101,7 +73,7 @@ def _file_entries(files: list[UploadFile], settings: Settings) -> list[Entry]:
     return entries
 
 
-async def _is_archive(files: list[UploadFile]) -> bool:
+async def is_archive(files: list[UploadFile]) -> bool:
     if len(files) != 1:
         return False
     file = files[0]
@@ -126,24 +98,27 @@ class _Examined:
     data: bytes | None = None
 
 
-class _Ingest:
+class Ingest:
     """One request's images: checked in order within its budget, then stored if all went well."""
 
-    def __init__(self, storage: Storage, redis: Redis, project: str, settings: Settings) -> None:
-        self.storage = storage
-        self.redis = redis
+    def __init__(self, services: Services, project: str) -> None:
+        self.services = services
         self.project = project
-        self.settings = settings
+        self.settings = settings = services.settings
         self.budget = Budget(settings.max_dataset_pixels, settings.dataset_cpu_seconds)
         self._first_by_digest: dict[str, int] = {}
         self._kept = 0
 
-    async def run(self, entries: list[Entry]) -> list[_Outcome]:
+    async def run(self, entries: list[Entry]) -> tuple[list[str], list[Rejected]]:
+        """The upload ids accepted, in order, and the entries rejected, each with its reason;
+        Invalid (nothing stored) if no entry is a usable image."""
         outcomes = await self.check(entries)
         accepted = [outcome for outcome in outcomes if outcome.image is not None]
-        if accepted:
-            await self.store(accepted)
-        return outcomes
+        rejected = [Rejected(name=o.entry.name, reason=o.reason or "rejected") for o in outcomes if o.image is None]
+        if not accepted:
+            raise _nothing_usable(rejected)
+        await self.store(accepted)
+        return [outcome.image.upload_id for outcome in accepted if outcome.image is not None], rejected
 
     async def check(self, entries: list[Entry]) -> list[_Outcome]:
         """Every entry's outcome, in order. One at a time: the order names the first of copies, and
@@ -201,7 +176,7 @@ class _Ingest:
                 if data is None:  # read again; already checked and paid for: no budget applies
                     threads = self.settings.dataset_decode_threads
                     data = await run_blocking(self.project, threads, None, outcome.entry.read)
-                await store_upload(self.storage, self.redis, self.project, outcome.image, data)
+                await store_upload(self.services.storage, self.services.uploads, self.project, outcome.image, data)
             finally:
                 slots.release()
 
@@ -221,83 +196,20 @@ def _first(error: BaseException) -> BaseException:
     return error
 
 
-def _nothing_usable(rejected: list[Rejected]) -> HTTPException:
+def _nothing_usable(rejected: list[Rejected]) -> Invalid:
     shown = "; ".join(f"{r.name}: {r.reason}" for r in rejected[:5])
     more = f" (and {len(rejected) - 5} more)" if len(rejected) > 5 else ""
-    return HTTPException(422, f"No usable image in the upload. {shown}{more}".strip())
+    return Invalid(f"No usable image in the upload. {shown}{more}".strip())
 
 
-async def save_dataset(redis: Redis, project: str, upload_ids: list[str]) -> tuple[str, float]:
-    dataset_id, created_at = uuid.uuid4().hex, time.time()
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(
-            keys.dataset(dataset_id),
-            mapping={"id": dataset_id, "project": project, "count": len(upload_ids), "created_at": created_at},
-        )
-        pipe.rpush(keys.dataset_inputs(dataset_id), *upload_ids)
-        pipe.zadd(keys.DATASETS_BY_USE, {dataset_id: created_at})
-        await pipe.execute()
-    return dataset_id, created_at
-
-
-async def dataset_input_ids(redis: Redis, project: str, dataset_id: str) -> list[str] | None:
-    """The dataset's upload ids in archive order; None if it is unknown or another project's (or the
-    id could not be one of ours: it never reaches Redis, where it could name another key)."""
-    if not is_id(dataset_id) or await redis.hget(keys.dataset(dataset_id), "project") != project:
-        return None
-    return list(await redis.lrange(keys.dataset_inputs(dataset_id), 0, -1))
-
-
-# --- routes ---
-
-
-@router.post(
-    "",
-    status_code=status.HTTP_201_CREATED,
-    response_model=DatasetCreated,
-    responses=problems(
-        413,
-        422,
-        described={
-            413: "Too many or too large files, a ZIP bomb, or images that cost more to check than a dataset may",
-            422: "No usable image",
-        },
-    ),
-    form_limits={"max_files": MAX_FILES},
-)
-async def create_dataset(
-    files: Annotated[
-        list[UploadFile], File(min_length=1, description="One .zip archive, or the image files themselves")
-    ],
-    project: ProjectDep,
-    settings: SettingsDep,
-    storage: StorageDep,
-    redis: RedisDep,
-) -> DatasetCreated:
-    ingest = _Ingest(storage, redis, project, settings)
-    if await _is_archive(files):
-        file, threads = files[0].file, settings.dataset_decode_threads
-        archive, entries = await run_blocking(project, threads, ingest.budget, partial(open_entries, file, settings))
-        with archive:  # open until every image is stored: they are read from it again then
-            outcomes = await ingest.run(entries)
-    else:
-        outcomes = await ingest.run(_file_entries(files, settings))
-    accepted = [outcome.image.upload_id for outcome in outcomes if outcome.image is not None]
-    rejected = [Rejected(name=o.entry.name, reason=o.reason or "rejected") for o in outcomes if o.image is None]
-    if not accepted:
-        raise _nothing_usable(rejected)
-    dataset_id, created_at = await save_dataset(redis, project, accepted)
-    return DatasetCreated(
-        id=dataset_id, count=len(accepted), rejected=rejected, created_at=datetime.fromtimestamp(created_at, UTC)
-    )
-
-
-@router.get("/{dataset_id}", response_model=DatasetView, responses=problems(404))
-async def dataset_details(dataset_id: str, project: ProjectDep, redis: RedisDep) -> DatasetView:
-    # A malformed id is answered like an unknown one, before it can name another key (`<id>:inputs`).
-    raw = await redis.hgetall(keys.dataset(dataset_id)) if is_id(dataset_id) else {}
-    if not raw or raw.get("project") != project:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
-    return DatasetView(
-        id=dataset_id, count=int(raw["count"]), created_at=datetime.fromtimestamp(float(raw["created_at"]), UTC)
-    )
+async def ingest(services: Services, project: str, files: list[UploadFile]) -> tuple[list[str], list[Rejected]]:
+    """Checks and stores the files (one ZIP, or the images themselves): the upload ids accepted, in
+    order, and the entries rejected; Invalid or TooLarge (nothing stored) if the whole is refused."""
+    request = Ingest(services, project)
+    if not await is_archive(files):
+        return await request.run(file_entries(files, services.settings))
+    file, threads = files[0].file, services.settings.dataset_decode_threads
+    opened = partial(open_entries, file, services.settings)
+    archive, entries = await run_blocking(project, threads, request.budget, opened)
+    with archive:  # open until every image is stored: they are read from it again then
+        return await request.run(entries)

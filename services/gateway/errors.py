@@ -1,16 +1,39 @@
-"""405 answers whose `Allow` header lists every method of the resource.
+"""Every error answer of the gateway: the one place where an error becomes an HTTP status.
 
-The router stops at the first route whose path matches, so on its own it would answer
-`OPTIONS /api/jobs` with `Allow: POST` although `GET /api/jobs` exists too. The methods are read
-from the OpenAPI description, which lists every public route.
+Stores and services raise the kinds of shared/errors.py; `add_error_handlers` maps each to its
+status, with a `{"detail": ...}` body (and `errors` per field for a 422 of validation). A dependency
+that is down (Redis, object storage) is a 503 whatever raised it.
 """
 
 import re
 from functools import cache
 
+import urllib3
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from minio.error import MinioException
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.gateway.auth import UNAUTHENTICATED_HEADERS
+from shared import errors
+
+# By kind; a subclass not named answers as its nearest named ancestor.
+STATUS_BY_KIND: dict[type[errors.BunchError], int] = {
+    errors.BunchError: 400,
+    errors.Invalid: 422,
+    errors.Unreadable: 400,
+    errors.TooLarge: 413,
+    errors.Unsupported: 415,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.OverQuota: 429,
+    errors.Unauthenticated: 401,
+    errors.Forbidden: 403,
+    errors.Unavailable: 503,
+}
 
 _PARAM = re.compile(r"\{[^/{}]+\}")
 _METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
@@ -26,6 +49,55 @@ def _resources(app: FastAPI) -> list[tuple[re.Pattern[str], tuple[str, ...]]]:
     return resources
 
 
+def status_of(error: errors.BunchError) -> int:
+    for kind in type(error).__mro__:
+        if kind in STATUS_BY_KIND:
+            return STATUS_BY_KIND[kind]
+    return 400
+
+
+async def _refused(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.BunchError)
+    headers = None
+    if isinstance(exc, errors.OverQuota):
+        headers = {"Retry-After": str(exc.retry_after)}
+    elif isinstance(exc, errors.Unauthenticated):
+        headers = UNAUTHENTICATED_HEADERS
+    return JSONResponse({"detail": exc.message}, status_of(exc), headers=headers)
+
+
+def _readable(exc: RequestValidationError) -> str:
+    messages = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body",))
+        messages.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
+    return "; ".join(messages) or "Invalid request."
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors_by_field = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+    return JSONResponse({"detail": _readable(exc), "errors": errors_by_field}, status_code=422)
+
+
+async def _dependency_down(_: Request, exc: Exception) -> JSONResponse:
+    what = "Object storage" if isinstance(exc, MinioException | urllib3.exceptions.HTTPError) else "Redis"
+    return JSONResponse({"detail": f"{what} is unavailable; nothing was changed. Try again shortly."}, 503)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(errors.BunchError, _refused)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(405, _method_not_allowed)
+    for error in (MinioException, urllib3.exceptions.HTTPError, RedisConnectionError, RedisTimeoutError):
+        app.add_exception_handler(error, _dependency_down)
+
+
+# The router stops at the first route whose path matches, so on its own it would answer
+# `OPTIONS /api/jobs` with `Allow: POST` although `GET /api/jobs` exists too. The methods are read
+# from the OpenAPI description, which lists every public route.
+
+
 def allowed_methods(app: FastAPI, path: str) -> list[str]:
     """Every method the resource at `path` answers, from the OpenAPI description (empty if none)."""
     found: set[str] = set()
@@ -35,7 +107,7 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     return sorted(found)
 
 
-async def method_not_allowed(request: Request, exc: Exception) -> JSONResponse:
+async def _method_not_allowed(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     headers = dict(exc.headers or {})
     app = request.app

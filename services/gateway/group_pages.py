@@ -1,31 +1,28 @@
 """The pages of GET /api/groups/{id}: its jobs, and its jobs' succeeded images, each page costing
 the same whatever the group holds (a 100,000-image job, thousands of jobs), but for the group's
-image count, a sum over its jobs' summaries (see `images_succeeded`).
+image count, a sum over its jobs' summaries (GroupStore.images_succeeded).
 
 A page of images walks the group's jobs in the order of its job index (creation time) and each
 job's image slots in index order, and stops after MAX_SLOTS_EXAMINED slots or MAX_JOBS_EXAMINED
 jobs even if it found fewer images than asked for: such a page still has a next cursor."""
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel
-from redis.asyncio import Redis
-
-from services.gateway.schemas import Progress
-from services.gateway.views import progress
-from shared import keys, planning
-from shared.jobstore import ImageRecord, JobRecord, JobStore
-from shared.models import ImageStatus, JobStatus, SemiAutoJobRequest
+from services.gateway.job_views import progress
+from shared import planning
+from shared.models import ImageStatus, SemiAutoJobRequest
 from shared.planning import image_file_name
 from shared.storage import Storage
+from shared.stores.groups import GroupStore
+from shared.stores.jobs import JobStore
+from shared.stores.records import ImageRecord, JobRecord
+from shared.times import iso
 
 MAX_JOB_PAGE = 100  # jobs per page of the job list
 MAX_IMAGE_PAGE = 200  # images per page: a few ms of the event loop, some 100 KB
 MAX_SLOTS_EXAMINED = 1000  # image slots (succeeded or not) one page of images looks at
 MAX_JOBS_EXAMINED = 100  # jobs one page of images looks at (those with no image cost no slot)
-TOTALS_CHUNK = 1000  # jobs' counts read per Redis call when adding up the group's images
 # Read past a job's expected density of succeeded slots: a few failed ones cost no second read.
 SLACK = 8
 
@@ -37,25 +34,6 @@ SLACK = 8
 SCORE = r"\d{1,16}(\.\d{1,17})?"
 JOB_CURSOR = rf"^{SCORE}:[0-9a-f]{{32}}$"
 IMAGE_CURSOR = rf"^{SCORE}:[0-9a-f]{{32}}:\d{{1,9}}$"
-
-
-class GroupJob(BaseModel):
-    id: str
-    status: JobStatus
-    mode: str
-    priority: int
-    progress: Progress
-    created_at: datetime
-    completed_at: datetime | None
-
-
-class GroupImage(BaseModel):
-    job_id: str
-    index: int
-    url: str
-    prompt_index: int  # the prompt: the page's `prompts[job_id][prompt_index]`
-    input_id: str | None  # automatic mode: the input image this one is a variation of
-    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,47 +58,12 @@ class Place:
         return f"{self.score!r}:{self.job_id}:{self.index}"
 
 
-def iso(value: float | None) -> str | None:
-    # The "Z" form pydantic writes, as the other group routes (and this one before) answer.
-    return None if value is None else datetime.fromtimestamp(value, UTC).isoformat().replace("+00:00", "Z")
-
-
-async def _start(redis: Redis, group_id: str, place: Place | None) -> tuple[int, int]:
+async def _start(groups: GroupStore, group_id: str, place: Place | None) -> tuple[int, int]:
     """(position in the group's job index, slot index) where a page starts."""
     if place is None:
         return 0, 0
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zrank(keys.group_jobs(group_id), place.job_id)
-        pipe.zcount(keys.group_jobs(group_id), "-inf", f"({place.score!r}")
-        rank, earlier = await pipe.execute()
-    if rank is None:  # the job left the group (retention): go on with the first one created after it
-        return int(earlier), 0
-    return int(rank), place.index
-
-
-async def _window(redis: Redis, group_id: str, position: int, count: int) -> list[tuple[str, float]]:
-    """`count` jobs of the group from `position` on, and the one after them if any (the next page's)."""
-    found = await redis.zrange(keys.group_jobs(group_id), position, position + count, withscores=True)
-    return [(str(job_id), float(score)) for job_id, score in found]
-
-
-async def images_succeeded(redis: Redis, group_id: str) -> int:
-    """The succeeded images of all the group's jobs, from their summaries: still a read per job, but
-    no records, and a thousand jobs per Redis call (some 1.5 ms each, where a pipeline of HGETs
-    costs the gateway 25 ms per thousand)."""
-    total, start = 0, 0
-    while True:
-        counts = await redis.sort_ro(
-            keys.group_jobs(group_id),
-            start=start,
-            num=TOTALS_CHUNK,
-            by="nosort",
-            get=[f"{keys.job('*')}->images_succeeded"],
-        )
-        total += sum(int(count) for count in counts if count)
-        if len(counts) < TOTALS_CHUNK:
-            return total
-        start += TOTALS_CHUNK
+    position, still_there = await groups.position(group_id, place.job_id, place.score)
+    return position, place.index if still_there else 0
 
 
 def _job_view(job: JobRecord) -> dict[str, Any]:
@@ -136,11 +79,11 @@ def _job_view(job: JobRecord) -> dict[str, Any]:
 
 
 async def job_page(
-    redis: Redis, store: JobStore, group_id: str, cursor: str | None, limit: int
+    groups: GroupStore, store: JobStore, group_id: str, cursor: str | None, limit: int
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Up to `limit` of the group's jobs from `cursor` on (JSON-ready), and the next page's cursor."""
-    position, _ = await _start(redis, group_id, Place.parse(cursor))
-    window = await _window(redis, group_id, position, limit)
+    position, _ = await _start(groups, group_id, Place.parse(cursor))
+    window = await groups.jobs_from(group_id, position, limit + 1)  # and the next page's first
     jobs = await store.get_many([job_id for job_id, _ in window[:limit]])  # a job purged meanwhile is left out
     following = Place(window[limit][1], window[limit][0]).job_cursor() if len(window) > limit else None
     return [_job_view(job) for job in jobs], following
@@ -157,11 +100,11 @@ class ImagePage:
 
 
 async def image_page(
-    redis: Redis, store: JobStore, storage: Storage, group_id: str, cursor: str | None, limit: int
+    groups: GroupStore, store: JobStore, storage: Storage, group_id: str, cursor: str | None, limit: int
 ) -> ImagePage:
     """Up to `limit` succeeded images from `cursor` on, looking at MAX_SLOTS_EXAMINED slots at most."""
-    position, index = await _start(redis, group_id, Place.parse(cursor))
-    window = await _window(redis, group_id, position, MAX_JOBS_EXAMINED)
+    position, index = await _start(groups, group_id, Place.parse(cursor))
+    window = await groups.jobs_from(group_id, position, MAX_JOBS_EXAMINED + 1)
     jobs = {job.id: job for job in await store.get_many([job_id for job_id, _ in window[:MAX_JOBS_EXAMINED]])}
     page = ImagePage([], {}, {}, None)
     budget, walked = MAX_SLOTS_EXAMINED, 0  # walked: jobs looked at to their end

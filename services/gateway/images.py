@@ -8,14 +8,25 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from shared.errors import Invalid, TooLarge, Unsupported
+
 ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 
-class ImageRejected(Exception):
-    def __init__(self, status_code: int, reason: str) -> None:
+class ImageRejected(Invalid):
+    """Not an image Bunch takes; `reason` says why, for the file it is about."""
+
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
-        self.status_code = status_code
         self.reason = reason
+
+
+class TooLargeImage(ImageRejected, TooLarge):
+    pass
+
+
+class UnsupportedImage(ImageRejected, Unsupported):
+    pass
 
 
 @dataclass(frozen=True)
@@ -57,33 +68,34 @@ def check_image(
     copies before decoding them). `before_decode(width, height)` runs once the header has been read
     and judged, before the pixels are decoded: a budget it raises on is never spent."""
     if not data:
-        raise ImageRejected(422, "the file is empty")
+        raise ImageRejected("the file is empty")
     if len(data) > max_bytes:
-        raise ImageRejected(413, f"the file is larger than {max_bytes // (1024 * 1024)} MB")
+        raise TooLargeImage(f"the file is larger than {max_bytes // (1024 * 1024)} MB")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageRejected(413, f"the image has {width}x{height} pixels; at most {max_pixels} are allowed")
+                raise TooLargeImage(f"the image has {width}x{height} pixels; at most {max_pixels} are allowed")
             # Many cameras and phones write MPO: a JPEG followed by extra images (a preview, a depth
             # map) that JPEG readers ignore. It is a JPEG to everyone downstream, not an animation.
             jpeg_with_extras = image.format == "MPO"
             if image.format not in ALLOWED_FORMATS and not jpeg_with_extras:
-                raise ImageRejected(415, f"{image.format} images are not supported; use PNG, JPEG or WEBP")
+                raise UnsupportedImage(f"{image.format} images are not supported; use PNG, JPEG or WEBP")
             if getattr(image, "n_frames", 1) > 1 and not jpeg_with_extras:
-                raise ImageRejected(415, "animated images are not supported")
+                raise UnsupportedImage("animated images are not supported")
             if before_decode is not None:
                 before_decode(width, height)
             image.load()  # decodes every pixel (of the first frame): catches truncated and corrupt files
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageRejected(413, "the image has too many pixels") from None
+        raise TooLargeImage("the image has too many pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = "not an image" if isinstance(exc, UnidentifiedImageError) else f"a damaged image ({exc})"
-        raise ImageRejected(415 if isinstance(exc, UnidentifiedImageError) else 422, f"the file is {reason}") from None
+        kind = UnsupportedImage if isinstance(exc, UnidentifiedImageError) else ImageRejected
+        raise kind(f"the file is {reason}") from None
     fmt = "JPEG" if jpeg_with_extras else str(image.format)
     return CheckedImage(
         sha256=sha256 or hashlib.sha256(data).hexdigest(),

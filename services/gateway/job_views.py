@@ -1,28 +1,25 @@
-"""Building the job views that several routes return."""
+"""The views of a job that several routes answer with: its status, its ZIP, a page of its images."""
 
-from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import HTTPException, status
-
-from services.gateway.schemas import JobStatusView, Progress, ZipInfo
+from services.gateway.schemas.jobs import JobStatusView, Progress, ZipInfo
 from shared import planning
-from shared.jobstore import NO_FIGURES, ImageRecord, JobRecord, JobStore, QueueFigures
+from shared.errors import NotFound
 from shared.models import ImageStatus, JobStatus, SemiAutoJobRequest
 from shared.planning import JobConfig
 from shared.storage import Storage
+from shared.stores.jobs import JobStore
+from shared.stores.records import NO_FIGURES, ImageRecord, JobRecord, QueueFigures
+from shared.times import iso, utc
 
 JOB_NOT_FOUND = "No such job in this project."
 
 
-def timestamp(value: float | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC)
-
-
-async def job_or_404(store: JobStore, project: str, job_id: str) -> JobRecord:
+async def project_job(store: JobStore, project: str, job_id: str) -> JobRecord:
+    """The job, if it is the project's; else NotFound (another project's job is not shown to exist)."""
     job = await store.get_for_project(project, job_id)
     if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, JOB_NOT_FOUND)
+        raise NotFound(JOB_NOT_FOUND)
     return job
 
 
@@ -64,9 +61,9 @@ def fields_with(job: JobRecord, figures: QueueFigures, storage: Storage) -> dict
         "eta_wait_seconds": waiting,
         "eta_run_seconds": running,
         "error": job.error,
-        "created_at": timestamp(job.created_at),
-        "started_at": timestamp(job.started_at),
-        "completed_at": timestamp(job.completed_at),
+        "created_at": utc(job.created_at),
+        "started_at": utc(job.started_at),
+        "completed_at": utc(job.completed_at),
         "zip": zip_info(job, storage),
         "retry_of": job.retry_of,
         "retried_by": job.retried_by,
@@ -81,18 +78,14 @@ async def live_status_view(store: JobStore, storage: Storage, project: str, job_
     """GET status's view: the job and its queue figures come from one Redis call."""
     found = await store.status_for_project(project, job_id)
     if found is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, JOB_NOT_FOUND)
+        raise NotFound(JOB_NOT_FOUND)
     return JobStatusView(**fields_with(*found, storage))
-
-
-def _iso(value: float | None) -> str | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC).isoformat()
 
 
 def results_page(
     job: JobRecord, config: JobConfig, records: dict[int, ImageRecord], indices: range, storage: Storage
 ) -> dict[str, Any]:
-    """One page of GET /results as JSON-ready data, in the shape of schemas.JobResults."""
+    """One page of GET /results as JSON-ready data, in the shape of schemas.jobs.JobResults."""
     images: list[dict[str, Any]] = []
     prompts: dict[int, str] = {}
     for index in indices:
@@ -109,7 +102,7 @@ def results_page(
                 "url": url,
                 "prompt_index": prompt_index,
                 "input_id": slot.input_id,
-                "created_at": _iso(record.finished_at) if record else None,
+                "created_at": iso(record.finished_at) if record else None,
                 "error": record.error if record else None,
                 "detail": record.detail if record else None,
             }

@@ -14,7 +14,7 @@ from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.gateway import uploads, webhooks
+from services.gateway.routes import uploads, webhooks
 from shared import bounded_json
 from shared.settings import Settings
 

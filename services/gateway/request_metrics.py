@@ -1,34 +1,10 @@
-"""GET /metrics for Prometheus, and the per-route request counts and times behind it."""
+"""The per-route request counts and times behind GET /metrics (services/gateway/routes/operations.py)."""
 
-import hmac
 import time
 
-from fastapi import APIRouter, HTTPException, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.gateway.auth import UNAUTHENTICATED_HEADERS as UNAUTHENTICATED
-from services.gateway.auth import bearer_token
-from services.gateway.deps import ServicesDep
 from shared import metrics
-
-router = APIRouter(tags=["operations"])
-
-
-@router.get("/metrics", response_class=Response, include_in_schema=False)
-async def prometheus_metrics(request: Request, services: ServicesDep) -> Response:
-    """Every project's figures, so only for the scraper holding BUNCH_METRICS_TOKEN (Prometheus:
-    `authorization: {credentials_file: ...}` in the scrape config); without a token set, only a
-    development gateway answers."""
-    token = services.settings.metrics_token
-    if token is None or not token.get_secret_value():
-        if services.settings.env != "development":
-            raise HTTPException(403, "Metrics are off: set BUNCH_METRICS_TOKEN and scrape with it as a Bearer token.")
-    else:
-        sent = bearer_token(request.headers.get("Authorization", "")) or ""
-        if not hmac.compare_digest(sent.encode(), token.get_secret_value().encode()):
-            raise HTTPException(401, "Send BUNCH_METRICS_TOKEN as 'Authorization: Bearer <token>'.", UNAUTHENTICATED)
-    return Response(await metrics.render(services.redis), media_type=CONTENT_TYPE_LATEST)
 
 
 class RequestMetrics:

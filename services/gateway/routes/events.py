@@ -34,14 +34,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, FastAPI, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from redis.asyncio import Redis
 
-from services.gateway.deps import ProjectDep, RedisDep, SettingsDep, StoreDep
+from services.gateway.deps import ProjectDep, ServicesDep
 from services.gateway.event_hub import EventHub, chain_shutdown_signals
 from services.gateway.event_stream import EventStreamResponse, has_entries_after, stream_events, trimmed_after
-from services.gateway.schemas import API_PROBLEMS, problems
+from services.gateway.job_views import JOB_NOT_FOUND, project_job
+from services.gateway.schemas.common import API_PROBLEMS, problems
+from shared.errors import Invalid
 from shared.models import FINAL_JOB_STATUSES
 from shared.settings import Settings
 
@@ -49,7 +51,6 @@ from shared.settings import Settings
 # An empty value is no cursor at all.
 STREAM_ID_PATTERN = r"^(?:(\d{1,19})(?:-(\d{1,19}))?)?$"
 STREAM_ID = re.compile(STREAM_ID_PATTERN)
-NOT_FOUND = "No such job in this project."
 TOO_MANY = "The project has as many event streams open as it may (settings.sse_max_streams_per_project)"
 
 
@@ -83,8 +84,8 @@ def _cursor(header: str, query: str) -> str | None:
     for value in (header, query):
         if STREAM_ID.match(value) is None:
             shown = repr(value[:60])
-            raise HTTPException(
-                422, f"Last-Event-ID must be the id of an event this stream sent (like 1700000000000-0), not {shown}."
+            raise Invalid(
+                f"Last-Event-ID must be the id of an event this stream sent (like 1700000000000-0), not {shown}."
             )
     found = STREAM_ID.match(header or query)
     if found is None or not found.group(1):
@@ -128,23 +129,20 @@ SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
     responses={
         **SSE_RESPONSES,
         204: {"description": "The job is finished and every event after Last-Event-ID was sent"},
-        **problems(404, described={404: NOT_FOUND}),
+        **problems(404, described={404: JOB_NOT_FOUND}),
     },
 )
 async def job_events(
     job_id: str,
     request: Request,
     project: ProjectDep,
-    store: StoreDep,
-    redis: RedisDep,
-    settings: SettingsDep,
+    services: ServicesDep,
     last_event_id_header: LastEventIdHeader = "",
     last_event_id: LastEventIdQuery = "",
 ) -> Response:
     """Status and progress events of one job until it is completed, failed or canceled."""
-    job = await store.get_for_project(project, job_id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
+    job = await project_job(services.store, project, job_id)
+    redis, settings = services.redis, services.settings
     cursor = _cursor(last_event_id_header, last_event_id)
     if cursor is not None and job.status in FINAL_JOB_STATUSES and not await trimmed_after(redis, cursor):
         if not await has_entries_after(redis, cursor, job_id):
@@ -157,12 +155,11 @@ async def job_events(
 async def project_events(
     request: Request,
     project: ProjectDep,
-    redis: RedisDep,
-    settings: SettingsDep,
+    services: ServicesDep,
     last_event_id_header: LastEventIdHeader = "",
     last_event_id: LastEventIdQuery = "",
 ) -> Response:
     """Status and progress events of every job of the caller's project."""
     cursor = _cursor(last_event_id_header, last_event_id)
-    hub = await _hub(request, settings)
-    return _open(hub, redis, settings, project, None, cursor)
+    hub = await _hub(request, services.settings)
+    return _open(hub, services.redis, services.settings, project, None, cursor)

@@ -1,27 +1,19 @@
-"""Liveness and readiness."""
+"""For operators and their tools: liveness, readiness, and Prometheus metrics."""
 
-from fastapi import APIRouter
+import hmac
+
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from services.gateway.deps import RedisDep, SettingsDep, StorageDep
+from services.gateway.auth import bearer_token
+from services.gateway.deps import ServicesDep
+from services.gateway.schemas.operations import Liveness, Readiness
+from shared import metrics
+from shared.errors import Forbidden, Unauthenticated
 from shared.redis_memory import read_memory
 
 router = APIRouter(tags=["health"])
-
-
-class Liveness(BaseModel):
-    status: str
-
-
-class Readiness(BaseModel):
-    status: str  # "ready" or "unavailable"
-    redis: bool
-    storage: bool
-    # Redis's used memory over its maxmemory (None: no limit set, or unreachable), and whether it is
-    # past the point where new jobs are refused: still ready, for every other request.
-    redis_memory_fraction: float | None = None
-    redis_memory_pressure: bool = False
 
 
 @router.get("/healthz", response_model=Liveness)
@@ -34,14 +26,15 @@ async def healthz() -> Liveness:
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Redis or object storage is unreachable"}},
 )
-async def readyz(redis: RedisDep, storage: StorageDep, settings: SettingsDep) -> JSONResponse:
+async def readyz(services: ServicesDep) -> JSONResponse:
     fraction = None
     try:
-        redis_ok = bool(await redis.ping())
-        fraction = (await read_memory(redis)).fraction
+        redis_ok = bool(await services.redis.ping())
+        fraction = (await read_memory(services.redis)).fraction
     except Exception:
         redis_ok = False
-    storage_ok = await storage.ping()
+    storage_ok = await services.storage.ping()
+    settings = services.settings
     ready = redis_ok and storage_ok
     pressure = fraction is not None and fraction >= settings.redis_memory_refuse_fraction
     body = Readiness(
@@ -52,3 +45,19 @@ async def readyz(redis: RedisDep, storage: StorageDep, settings: SettingsDep) ->
         redis_memory_pressure=pressure,
     )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=Response, include_in_schema=False, tags=["operations"])
+async def prometheus_metrics(request: Request, services: ServicesDep) -> Response:
+    """Every project's figures, so only for the scraper holding BUNCH_METRICS_TOKEN (Prometheus:
+    `authorization: {credentials_file: ...}` in the scrape config); without a token set, only a
+    development gateway answers."""
+    token = services.settings.metrics_token
+    if token is None or not token.get_secret_value():
+        if services.settings.env != "development":
+            raise Forbidden("Metrics are off: set BUNCH_METRICS_TOKEN and scrape with it as a Bearer token.")
+    else:
+        sent = bearer_token(request.headers.get("Authorization", "")) or ""
+        if not hmac.compare_digest(sent.encode(), token.get_secret_value().encode()):
+            raise Unauthenticated("Send BUNCH_METRICS_TOKEN as 'Authorization: Bearer <token>'.")
+    return Response(await metrics.render(services.redis), media_type=CONTENT_TYPE_LATEST)

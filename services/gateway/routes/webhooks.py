@@ -10,12 +10,13 @@ RunPod job is refused: a token seen once cannot carry another run's results.
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, status
-from pydantic import BaseModel
+from fastapi import APIRouter, Query, Request, status
 
-from services.gateway.deps import ProjectDep, RedisDep, SettingsDep
-from services.gateway.schemas import API_PROBLEMS, problems
-from shared import bounded_json, events, keys, tokens
+from services.gateway.deps import ProjectDep, ServicesDep
+from services.gateway.schemas.common import API_PROBLEMS, problems
+from services.gateway.schemas.operations import WebhookAnswer, WebhookSecret
+from shared import bounded_json, task_results, tokens
+from shared.errors import Forbidden, TooLarge, Unauthenticated, Unreadable
 from shared.models import RunStatus
 from shared.webhook_signing import project_webhook_secret
 
@@ -23,12 +24,6 @@ router = APIRouter(prefix="/internal/runpod", tags=["internal"])
 secrets_router = APIRouter(prefix="/api/webhooks", tags=["webhooks"], responses=API_PROBLEMS)
 
 MAX_BODY = 1024 * 1024
-
-
-class WebhookAnswer(BaseModel):
-    accepted: bool
-    # Why a callback with a valid token was not passed on (nothing changed).
-    reason: str | None = None
 
 
 @router.post(
@@ -49,49 +44,39 @@ class WebhookAnswer(BaseModel):
     ),
 )
 async def runpod_webhook(
-    request: Request, settings: SettingsDep, redis: RedisDep, token: str = Query("", max_length=512)
+    request: Request, services: ServicesDep, token: str = Query("", max_length=512)
 ) -> WebhookAnswer:
     if not token:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Missing webhook token.")
-    claim = tokens.verify(settings.webhook_secret.get_secret_value(), token)
+        raise Unauthenticated("Missing webhook token.")
+    claim = tokens.verify(services.settings.webhook_secret.get_secret_value(), token)
     if claim is None:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "Invalid or expired webhook token.")
+        raise Forbidden("Invalid or expired webhook token.")
     raw = await request.body()
     if len(raw) > MAX_BODY:
-        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, "Webhook body too large.")
+        raise TooLarge("Webhook body too large.")
     try:
         # Bounded: Python's parser recurses per level (RecursionError, a 500). Whatever its declared
         # type the body is parsed here, so the gateway's check of JSON bodies alone would not do.
         body: Any = bounded_json.loads(raw) if raw else {}
     except bounded_json.TooDeep as exc:
-        raise HTTPException(
-            status.HTTP_400_BAD_REQUEST, f"The webhook body nests deeper than {exc.max_depth} levels."
-        ) from None
+        raise Unreadable(f"The webhook body nests deeper than {exc.max_depth} levels.") from None
     except ValueError:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, "Webhook body is not JSON.") from None
+        raise Unreadable("Webhook body is not JSON.") from None
     run_status = body.get("status") if isinstance(body, dict) else None
     if not isinstance(run_status, str) or not run_status:
         # RunPod sometimes posts empty bodies; the dispatcher's /status polling covers those runs.
         return WebhookAnswer(accepted=False, reason="empty body")
-    attempt, state, runpod_id = await redis.hmget(keys.run(claim.run_id), "attempt", "status", "runpod_id")
-    current = attempt == str(claim.attempt)
-    if current and runpod_id and body.get("id") != runpod_id:
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN, "The webhook body is about another RunPod job than its token was issued for."
-        )
-    if not current or state != RunStatus.DISPATCHED.value:
+    run = await services.runs.run(claim.run_id)
+    current = run is not None and run.attempt == claim.attempt
+    if run is not None and current and run.runpod_id and body.get("id") != run.runpod_id:
+        raise Forbidden("The webhook body is about another RunPod job than its token was issued for.")
+    if run is None or not current or run.status != RunStatus.DISPATCHED:
         return WebhookAnswer(accepted=False, reason="the run's outcome for this attempt is already settled")
-    await redis.xadd(keys.TASK_RESULTS_STREAM, events.task_result(claim.run_id, claim.attempt, body, "webhook"))
+    await task_results.publish(services.redis, claim.run_id, claim.attempt, body, "webhook")
     return WebhookAnswer(accepted=True)
 
 
-class WebhookSecret(BaseModel):
-    secret: str
-    header: str = "Bunch-Signature"
-    scheme: str = 't=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">'
-
-
 @secrets_router.get("/secret", response_model=WebhookSecret)
-async def project_webhook_signing_secret(project: ProjectDep, settings: SettingsDep) -> WebhookSecret:
+async def project_webhook_signing_secret(project: ProjectDep, services: ServicesDep) -> WebhookSecret:
     """The secret this project's webhook receivers verify `Bunch-Signature` with."""
-    return WebhookSecret(secret=project_webhook_secret(settings, project))
+    return WebhookSecret(secret=project_webhook_secret(services.settings, project))

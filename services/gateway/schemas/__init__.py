@@ -1,0 +1,1 @@
+"""The gateway's request and response bodies, one module per resource."""
