@@ -28,7 +28,7 @@ typecheck: install
 
 check: lint typecheck test
 
-bench: install  ## the benchmarks of issue 5 (minutes; not part of make test): writes bench/RESULTS.md
+bench: install  ## every benchmark of bench/ (minutes; not part of make test): writes bench/RESULTS.md
 	$(BIN)/python -m bench
 
 clean:

@@ -1,4 +1,4 @@
-"""Bunch benchmarks (issue 5): `make bench` runs all of them and writes bench/RESULTS.md.
+"""Bunch benchmarks: `make bench` runs all of them and writes bench/RESULTS.md.
 
 One module per benchmark, each runnable alone (`python -m bench.<name> --help`):
 

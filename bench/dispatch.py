@@ -206,7 +206,7 @@ Per run the dispatcher makes about four Redis round trips and one HTTP call: a c
 RECORD_STARTED_AND_CLAIM: it records the RunPod ids of the runs started since the last call, then claims up to 16
 runs), presigns 4 PUT links (shared/presign.py), POSTs /run, reads the webhook's task-result
 message (XREADGROUP, carrying the XACK of the previous batch), builds 4 ImageRecords and
-runs the COMPLETE Lua; it logs one JSON line per run. The gateway verifies the webhook token and
+runs the COMPLETE_RUN Lua; it logs one JSON line per run. The gateway verifies the webhook token and
 XADDs. On this VM one Redis round trip costs the client 60-100 µs of CPU (a raw asyncio PING
 60 µs, redis-py's 85-100 µs): round trips, not Python code, are most of the cost.
 {profiled}""",
@@ -342,7 +342,7 @@ failed `missing_output` and every job ends `failed` (the packager finds no image
 measures runs, not images.
 
 - Bunch: {describe(bunch)}. Slot refill = emulator finished -> webhook -> gateway -> XADD ->
-  dispatcher COMPLETE -> RECORD_STARTED_AND_CLAIM -> presign -> POST /run -> an emulator worker picks it up; of it,
+  dispatcher COMPLETE_RUN -> RECORD_STARTED_AND_CLAIM -> presign -> POST /run -> an emulator worker picks it up; of it,
   freed -> next *received* by RunPod: median {median(bunch.react or [0.0]) * 1000:.1f} ms. Every job
   final after {bunch_jobs:.2f} s.
 - (a) arq 0.28 worker as a user would write it (bench/arq_worker.py): max_jobs={args.workers},
@@ -352,7 +352,7 @@ measures runs, not images.
   start (job_counter >= max_jobs), so a freed slot waits for the next poll: up to poll_delay.
 - (a') the same worker with poll_delay {args.arq_poll_delay} s (`--arq-poll-delay`), a tuned arq:
   {describe(tuned)}; every arq job done after {tuned_done:.2f} s;
-  {tuned_cpu} (its /status polling costs CPU: on 2 shared cores that slows it down). The issue's target is against (a);
+  {tuned_cpu} (its /status polling costs CPU: on 2 shared cores that slows it down). The target is against (a);
   the row against (a') is the stricter comparison.
 - (b) {args.runs} POST /run at once (50 connections), the emulator's own FIFO queue: {describe(direct)}.
 

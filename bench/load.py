@@ -40,11 +40,11 @@ import aiohttp
 
 from deploy.processes import scratch_dir
 from deploy.stack import DEV_API_KEY, DEV_PROJECT, Stack, start_stack
+from shared.models import FINAL_STATUS_VALUES
 from tests.stack_helpers import png_bytes
 
 KINDS = ("submit", "status", "results", "sse")
 EXPECTED = {"submit": 202, "status": 200, "results": 200, "sse": 200}
-FINAL = {"completed", "failed", "canceled"}
 
 
 @dataclass
@@ -115,7 +115,7 @@ class Load:
             done = 0
             for job_id in self.jobs[:10]:
                 async with session.get(f"{self.url}/api/jobs/{job_id}/status") as response:
-                    done += (await response.json())["status"] in FINAL
+                    done += (await response.json())["status"] in FINAL_STATUS_VALUES
             if done == min(10, len(self.jobs)):
                 break
             await asyncio.sleep(0.5)
@@ -189,7 +189,7 @@ class Load:
                         if first is None:
                             first = time.perf_counter() - started
                             deadline.reschedule(asyncio.get_running_loop().time() + self.args.sse_hold)
-                        if json.loads(line[5:]).get("status") in FINAL:
+                        if json.loads(line[5:]).get("status") in FINAL_STATUS_VALUES:
                             break  # the stream ends after a final status anyway
         if first is None:
             self.tally.error("sse", f"GET {path}: no event")

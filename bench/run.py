@@ -2,7 +2,7 @@
 
     python -m bench [--quick] [--only dispatch,scale] [--results PATH] [--no-record]
 
---quick runs small sizes (to check the harness, not to quote); the full sizes are the issue's.
+--quick runs small sizes (to check the harness, not to quote); the targets hold for the full sizes.
 """
 
 import argparse

@@ -4,7 +4,7 @@ Three queue shapes, each on a private redis-server of its own, measured side by 
 and in turns (a window of claims or a chunk of reads each), so whatever else the machine does falls
 on all of them alike: 1 project x 200 queued jobs (the baseline), 100 projects x 200 (20,000 jobs)
 and 1,000 projects x 2. Every job is semi_auto with 8 images (2 runs of 4), priority n % 5. The project's
-Lua scripts run through JobStore directly: no service, no HTTP. The figures are Redis's own
+Lua scripts run through the stores directly: no service, no HTTP. The figures are Redis's own
 accounting, not client wall time: EVAL/EVALSHA `usec` of INFO commandstats over windows that hold
 only the calls measured, read after every call for the slowest single one.
 
@@ -35,9 +35,11 @@ from redis.asyncio import Redis
 from bench.common import Report, parser
 from deploy.processes import scratch_dir, start_redis
 from shared import keys
-from shared.jobstore import Completion, ImageRecord, JobStore
 from shared.models import ImageStatus, RunStatus, SemiAutoJobRequest
 from shared.settings import Settings
+from shared.stores.jobs import JobStore
+from shared.stores.records import Completion, ImageRecord
+from shared.stores.runs import RunStore
 
 BENCH = "tenants"
 CAP = 64
@@ -103,8 +105,9 @@ class Window:
 class Tenants:
     """One shape's queue, kept at its size while runs are claimed and completed."""
 
-    def __init__(self, store: JobStore, shape: Shape) -> None:
+    def __init__(self, store: JobStore, runs: RunStore, shape: Shape) -> None:
         self.store = store
+        self.runs = runs
         self.shape = shape
         self.jobs: dict[str, tuple[str, int, int]] = {}  # job id -> project, priority, runs_total
         self.waiting: dict[str, dict[str, tuple[int, int]]] = {}  # project -> job id -> (priority, seq), none started
@@ -125,7 +128,7 @@ class Tenants:
 
     async def claim(self, limit: int) -> int:
         now = time.time()
-        claims = await self.store.acquire_many(now, now + 600, limit)
+        claims = await self.runs.acquire_many(now, now + 600, limit)
         if len(claims.runs) < limit:
             raise RuntimeError(f"{self.shape.label}: {len(claims.runs)} of {limit} claimed with slots free")
         for run_id, attempt in claims.runs:
@@ -148,7 +151,7 @@ class Tenants:
     async def complete(self, run_id: str, attempt: int) -> None:
         job_id, _ = keys.split_run_id(run_id)
         now = time.time()
-        slots = await self.store.run_slots(run_id, CONFIGS[self.jobs[job_id][1]])
+        slots = await self.runs.run_slots(run_id, CONFIGS[self.jobs[job_id][1]])
         images = {
             i: ImageRecord(
                 status=ImageStatus.SUCCEEDED,
@@ -160,7 +163,7 @@ class Tenants:
             )
             for i in slots
         }
-        if not await self.store.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, images)):
+        if not await self.runs.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, images)):
             raise RuntimeError(f"run {run_id} attempt {attempt} was not live")
 
     def status_sample(self, reads: int, rng: random.Random) -> list[tuple[str, str]]:
@@ -187,8 +190,8 @@ class Side:
 
 async def prepare(url: str, shape: Shape) -> Side:
     redis = Redis.from_url(url, decode_responses=True)
-    store = JobStore(redis, Settings(redis_url=url, max_concurrency=CAP))
-    queue = Tenants(store, shape)
+    settings = Settings(redis_url=url, max_concurrency=CAP)
+    queue = Tenants(JobStore(redis, settings), RunStore(redis, settings), shape)
     started = time.monotonic()
     await queue.fill()
     print(f"  {shape.label}: {len(queue.jobs)} jobs queued in {time.monotonic() - started:.1f} s", flush=True)
@@ -309,7 +312,7 @@ async def main_async(args: Any) -> int:
     report.note(
         BENCH,
         f"""Shapes {", ".join(s.label for s in SHAPES)} (projects x queued jobs), each on a flushed private
-redis-server, driven through JobStore (no services): semi_auto jobs of 8 images (2 runs of 4), priority
+redis-server, driven through the stores (no services): semi_auto jobs of 8 images (2 runs of 4), priority
 n % 5, max_concurrency {CAP}. Per shape {args.runs} runs started with acquire_many(limit 1), then
 {args.runs} with limit 16, in windows of {WINDOW} claims and nothing else; between windows the oldest
 runs complete (SUCCEEDED) down to {CAP - WINDOW} in flight, and every job whose runs have all started

@@ -1,10 +1,27 @@
-"""The errors stores and services raise, one tree; the gateway maps each kind to its HTTP status."""
+"""The errors stores and services raise, one tree.
+
+Each kind says what went wrong, never how to answer it: the gateway maps each kind to its HTTP
+status in one place (services/gateway/errors.py).
+
+    BunchError
+    ├── NotFound          no such thing in the caller's project
+    ├── Conflict          the thing's current state forbids it
+    ├── Invalid           the request itself is wrong
+    │   ├── Unreadable    not parseable at all (not JSON, nested too deep)
+    │   ├── TooLarge      over a size, count or cost limit
+    │   ├── Unsupported   a kind of content Bunch does not take
+    │   └── MissingKeys   records it names do not exist (indices)
+    ├── OverQuota         an operator's quota refuses it for now (retry_after)
+    ├── Unauthenticated   no credentials, or unknown ones
+    ├── Forbidden         credentials that do not allow this
+    ├── Unavailable       a dependency is down; nothing was changed
+    └── UpstreamError     a service Bunch calls (RunPod) failed a call; `retryable` says whether
+                          trying again later may help
+"""
 
 
 class BunchError(Exception):
     """Something a caller asked for cannot be done; the message says why, for a person to act on."""
-
-    status_code = 400
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -12,26 +29,59 @@ class BunchError(Exception):
 
 
 class NotFound(BunchError):
-    status_code = 404
+    pass
 
 
 class Conflict(BunchError):
-    status_code = 409
+    pass
 
 
 class Invalid(BunchError):
-    status_code = 422
+    pass
+
+
+class Unreadable(Invalid):
+    pass
+
+
+class TooLarge(Invalid):
+    pass
+
+
+class Unsupported(Invalid):
+    pass
+
+
+class MissingKeys(Invalid):
+    """Records a write required do not exist; nothing was written. `indices`: their positions among
+    the keys given, for the caller to say what they stand for (upload ids, say)."""
+
+    def __init__(self, indices: list[int]) -> None:
+        super().__init__(f"{len(indices)} of the records this needs do not exist.")
+        self.indices = indices
 
 
 class OverQuota(BunchError):
-    """An operator's quota refuses this for now; nothing was written. Try again after `retry_after` s."""
-
-    status_code = 429
+    """Nothing was written. Try again after `retry_after` s."""
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = max(1, retry_after)
 
 
+class Unauthenticated(BunchError):
+    pass
+
+
+class Forbidden(BunchError):
+    pass
+
+
 class Unavailable(BunchError):
-    status_code = 503
+    pass
+
+
+class UpstreamError(BunchError):
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable

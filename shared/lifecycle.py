@@ -22,8 +22,8 @@ async def run_until_signalled(loops: list[Callable[[asyncio.Event], Coroutine[An
 def settle_garbage_collector() -> None:
     """Call once a service has started. A request or a run allocates a few hundred containers and
     frees nearly all of them by reference counting, so the default young-generation threshold (700)
-    ran a collection every few requests or runs, some 25 µs of CPU each time. What exists by now
-    (modules, routes, schemas: over 100,000 objects) lives as long as the process: frozen, full
-    collections no longer walk it."""
+    ran a collection every few requests or runs: 20-27 µs of CPU per gateway request in all, 2-4 µs
+    with these settings (bench/RESULTS.md). What exists by now (modules, routes, schemas: over
+    100,000 objects) lives as long as the process: frozen, full collections no longer walk it."""
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)

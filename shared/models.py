@@ -18,6 +18,8 @@ class JobStatus(StrEnum):
 
 
 FINAL_JOB_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED})
+# The same as Redis hashes and API bodies spell them, for code that holds the raw string.
+FINAL_STATUS_VALUES: frozenset[str] = frozenset(status.value for status in FINAL_JOB_STATUSES)
 # Runs of the job may still start (its images count against the project's quota).
 LIVE_JOB_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.PROCESSING})
 

@@ -1,11 +1,11 @@
 """SigV4 presigned URLs (query-string auth, UNSIGNED-PAYLOAD) for path-style endpoints.
 
 The dispatcher presigns five links per run and the results view one per image. minio's
-presigned_*_object takes ~70 µs a link (datetime formatting, URL parsing and splitting, a signing
-key derived anew each time); this takes a few µs: the signing key is derived once a day and the URL
-is built from strings. It covers the endpoints minio addresses path-style (MinIO, moto, most S3
-servers); AWS and Aliyun hosts, which minio addresses virtual-host style, stay with minio
-(`path_style_endpoint`). tests/test_presign.py checks the output byte for byte against minio's.
+presigned_*_object formats datetimes, parses and splits the URL and derives the signing key anew for
+each link; this derives the key once a day and builds the URL from strings, several times faster
+(bench/RESULTS.md has the figures). It covers the endpoints minio addresses path-style (MinIO,
+moto, most S3 servers); AWS and Aliyun hosts, which minio addresses virtual-host style, stay with
+minio (`path_style_endpoint`). tests/test_presign.py checks the output byte for byte against minio's.
 """
 
 import hashlib

@@ -7,6 +7,10 @@ starts with a prelude generated here: the functions that build per-job, per-run 
 key names and the fixed key names (from shared.keys), the state machines and status sets (from
 shared.models) and the answer codes (below), so each of those is written once, in Python.
 
+Every script returns a table whose first element is an `Answer` and whose rest are the values
+that answer carries, fixed ones flat and a list of any length as one nested table: `{DONE}`,
+`{REFUSED, status}`, `{MISSING, {positions}}`. `reply` reads that, and nothing else does.
+
 Scripts reach keys they derive at run time, so this assumes one Redis (or one hash slot), not
 Redis Cluster.
 """
@@ -39,6 +43,25 @@ class Answer(IntEnum):
     ARCHIVED = 3  # the job's records are in its archive: restore it first
     MISSING = 4  # keys the change needs do not exist: nothing changed
     RECLAIMED = 5  # an upload's abandoned deletion was taken back: store its object again
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A script's result, read."""
+
+    answer: Answer
+    values: tuple[Any, ...]  # what the script returned after its answer
+
+    @property
+    def done(self) -> bool:
+        return self.answer == Answer.DONE
+
+
+def reply(raw: Any) -> Reply:
+    """The only place a raw script result is read: `{answer, values...}`."""
+    if not isinstance(raw, list) or not raw:
+        raise TypeError(f"a script returned {raw!r}, not a table opening with its answer")
+    return Reply(Answer(raw[0]), tuple(raw[1:]))
 
 
 KEY_FUNCTIONS: dict[str, Callable[[str], str]] = {
@@ -78,8 +101,9 @@ KEY_NAMES: dict[str, str] = {
     "NOTIFY": keys.NOTIFICATIONS_STREAM,
     "CONTROL": keys.CONTROL_STREAM,
     "JOB_SEQ": keys.JOB_SEQUENCE,
-    "JOBS": keys.JOBS_STREAM,
+    "JOBS_CHANNEL": keys.JOBS_CHANNEL,
     "UPLOADS_BY_USE": keys.UPLOADS_BY_USE,
+    "DATASETS_BY_USE": keys.DATASETS_BY_USE,
     "UPLOADS_PURGING": keys.UPLOADS_PURGING,
 }
 
@@ -146,12 +170,12 @@ class Script:
     def sha(self) -> str:
         return _sha(self.text)
 
-    async def __call__(self, redis: Redis, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
+    async def __call__(self, redis: Redis, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Reply:
         try:
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+            return reply(await redis.evalsha(self.sha, len(keys), *keys, *args))
         except NoScriptError:
             await redis.script_load(self.text)
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+            return reply(await redis.evalsha(self.sha, len(keys), *keys, *args))
 
 
 @cache
@@ -174,16 +198,15 @@ def queue_figures(fields: Sequence[str] = ()) -> Script:
 
 RECORD_STARTED_AND_CLAIM = load("record_started_and_claim")
 QUEUE_FIGURES = queue_figures()
-ADMIT = load("admit")
 SET_PAUSED = load("set_paused")
 SET_WEIGHTS = load("set_weights")
-FORGET_RUN = load("forget_run")
+RELEASE_RUN_SLOTS = load("release_run_slots")
 SET_PRIORITY = load("set_priority")
-REQUEUE = load("requeue")
-COMPLETE = load("complete")
-TRANSITION = load("transition")
+REQUEUE_RUN = load("requeue_run")
+COMPLETE_RUN = load("complete_run")
+TRANSITION_JOB = load("transition_job")
 CANCEL = load("cancel")
-ARCHIVE = load("archive")
+DROP_ARCHIVED = load("drop_archived")
 RESTORE = load("restore")
 REDO = load("redo")
 CREATE = load("create")
@@ -193,6 +216,3 @@ FORGET_CONSUMERS = load("forget_consumers")
 TRIM_ACKNOWLEDGED = load("trim_acknowledged")
 USE_UPLOAD = load("use_upload")
 CLAIM_UPLOAD = load("claim_upload")
-
-# How long retention's claim to delete an upload's object holds off a new upload of the same content.
-UPLOAD_PURGE_LEASE_SECONDS = 600

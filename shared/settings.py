@@ -65,7 +65,6 @@ class Settings(BaseSettings):
     max_prompt_chars: int = 4000
     max_images_per_job: int = 100_000
     max_inputs_per_job: int = 20_000
-    max_variations_per_image: int = 16
 
     # --- dispatcher ---
     max_concurrency: int = Field(5, ge=1)

@@ -169,13 +169,14 @@ class StreamConsumer:
 
     async def _forget_departed(self) -> None:
         args = [self.group, self.forget_idle_ms, self.consumer]
-        forgotten = await scripts.FORGET_CONSUMERS(self.redis, [self.stream], args)
+        (forgotten,) = (await scripts.FORGET_CONSUMERS(self.redis, [self.stream], args)).values
         if forgotten:
             log.info("forgot %d departed consumers of %s: %s", len(forgotten), self.stream, forgotten)
 
     async def trim_acknowledged(self) -> int:
         """Trim what every group of the stream has acknowledged; returns the entries trimmed."""
-        return int(await scripts.TRIM_ACKNOWLEDGED(self.redis, [self.stream]))
+        (trimmed,) = (await scripts.TRIM_ACKNOWLEDGED(self.redis, [self.stream])).values
+        return int(trimmed)
 
     async def _without_poison(self, messages: list[tuple[str, Fields]]) -> list[tuple[str, Fields]]:
         """Move messages that keep failing to the dead-letter stream instead of retrying forever."""

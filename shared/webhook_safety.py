@@ -9,6 +9,8 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
+from shared.errors import Unavailable
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 ALLOW_HINT = "an operator can allow private addresses with BUNCH_ALLOW_PRIVATE_WEBHOOKS=1"
@@ -16,7 +18,7 @@ ALLOW_HINT = "an operator can allow private addresses with BUNCH_ALLOW_PRIVATE_W
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
-class UnresolvableHost(Exception):
+class UnresolvableHost(Unavailable):
     """The host name has no address right now (may be temporary)."""
 
 

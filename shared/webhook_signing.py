@@ -13,7 +13,6 @@ previous key is removed once they all have.
 
 import hashlib
 import hmac
-import time
 from collections.abc import Sequence
 
 from pydantic import SecretStr
@@ -31,24 +30,6 @@ def signature_header(secrets: str | Sequence[str], body: bytes, timestamp: int) 
         for secret in ([secrets] if isinstance(secrets, str) else secrets)
     ]
     return ",".join([f"t={timestamp}", *(f"v1={digest}" for digest in digests)])
-
-
-def verify_signature(secret: str, body: bytes, header: str, tolerance_s: float = 300, now: float | None = None) -> bool:
-    """True if `header` signs exactly `body` with `secret` and its timestamp is within tolerance_s of now."""
-    timestamp: int | None = None
-    signatures: list[str] = []
-    for item in header.split(","):
-        name, _, value = item.strip().partition("=")
-        if name == "t" and value.isdigit():
-            timestamp = int(value)
-        elif name == "v1" and value:
-            signatures.append(value)
-    if timestamp is None or not signatures:
-        return False
-    if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
-        return False
-    expected = signature_header(secret, body, timestamp).partition(",v1=")[2]
-    return any(hmac.compare_digest(expected, candidate) for candidate in signatures)
 
 
 def hkdf_sha256(key: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:

@@ -16,10 +16,12 @@ from deploy.processes import Process, scratch_dir, start_redis
 from deploy.stack import Stack
 from shared import keys
 from shared.archive import ArchivedRecords, JobArchive
-from shared.jobstore import Completion, ImageRecord, JobStore
 from shared.models import ImageStatus, JobStatus, RunStatus, SemiAutoJobRequest
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.stores.jobs import JobStore
+from shared.stores.records import Completion, ImageRecord
+from shared.stores.runs import RunStore
 from tests.stack_helpers import client, download_zip, redis_of, running_stack, submit, wait_final
 
 
@@ -100,15 +102,16 @@ async def aof_redis() -> AsyncIterator[tuple[Path, Process, str]]:
 
 async def finished_job(store: JobStore, images: int = 8) -> str:
     """A job whose runs all succeeded and which the packager completed (its ZIP step left out)."""
+    runs = RunStore(store.redis, store.settings)
     job = await store.create("p", SemiAutoJobRequest(mode="semi_auto", prompts=["p"], images_per_prompt=images))
-    claims = await store.acquire_many(1000.0, 1030.0, 16)
+    claims = await runs.acquire_many(1000.0, 1030.0, 16)
     for run_id, attempt in claims.runs:
-        slots = await store.run_slots(run_id, await store.config(job.id))
+        slots = await runs.run_slots(run_id, await store.config(job.id))
         records = {
             i: ImageRecord(status=ImageStatus.SUCCEEDED, attempt=attempt, object_key=f"k{i}", finished_at=1001.0)
             for i in slots
         }
-        assert await store.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, records))
+        assert await runs.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, records))
     assert await store.transition(job.id, JobStatus.PACKAGING, JobStatus.COMPLETED, zip_key="z", zip_bytes=1)
     return job.id
 

@@ -7,13 +7,20 @@ import pytest
 from redis.asyncio import Redis
 
 from shared import keys, scripts
-from shared.jobstore import Completion, ImageRecord, JobRecord, JobStore, MissingKeys, QueueFigures, StartedRun
+from shared.errors import MissingKeys
 from shared.models import ImageStatus, JobStatus, RunStatus, SemiAutoJobRequest
 from shared.settings import Settings
+from shared.stores.jobs import JobStore
+from shared.stores.records import Completion, ImageRecord, JobRecord, QueueFigures, StartedRun
+from shared.stores.runs import RunStore
 
 
 def store_with(redis: Redis, settings: Settings, **overrides: int) -> JobStore:
     return JobStore(redis, settings.model_copy(update=overrides))
+
+
+def runs_with(redis: Redis, settings: Settings, **overrides: int) -> RunStore:
+    return RunStore(redis, settings.model_copy(update=overrides))
 
 
 def job(images: int, priority: int = 10) -> SemiAutoJobRequest:
@@ -30,6 +37,9 @@ async def test_lua_key_names_are_the_ones_shared_keys_builds(fresh_redis: Redis)
 
 async def test_create_stores_and_publishes_the_job_in_one_step(fresh_redis: Redis, settings: Settings) -> None:
     store = store_with(fresh_redis, settings)
+    announcements = fresh_redis.pubsub()
+    await announcements.subscribe(keys.JOBS_CHANNEL)
+    assert (await announcements.get_message(timeout=5))["type"] == "subscribe"  # in effect before the first job
     first = await store.create("p", job(8, priority=3))
     # Text that JSON escapes or Lua could mangle travels unchanged.
     config = SemiAutoJobRequest(
@@ -53,60 +63,67 @@ async def test_create_stores_and_publishes_the_job_in_one_step(fresh_redis: Redi
     assert await fresh_redis.zrange(keys.READY, 0, -1) == ["p"]
     assert await fresh_redis.hgetall(keys.BACKLOG) == {"p": "1"}
     assert await fresh_redis.get(keys.project_live_images("p")) == "13"
-    published = await fresh_redis.xrange(keys.JOBS_STREAM)
-    assert [fields for _, fields in published] == [{"job_id": first.id}, {"job_id": retry.id}]
+    # Each job is announced to idle dispatchers by its project's name; no stream message carries it.
+    heard = [await announcements.get_message(timeout=5) for _ in range(2)]
+    assert [(m["channel"], m["data"]) for m in heard] == [(keys.JOBS_CHANNEL, "p")] * 2
+    assert await announcements.get_message(timeout=0.1) is None
+    assert not await fresh_redis.exists("bunch:jobs")
+    await announcements.aclose()
 
 
 async def test_concurrent_claims_never_exceed_the_global_cap(fresh_redis: Redis, settings: Settings) -> None:
     # Many claimers at once stand for many dispatcher replicas: the Lua claim is the only guard.
-    stores = [store_with(fresh_redis, settings, max_concurrency=4) for _ in range(10)]
-    await stores[0].create("p", job(400))
-    claims = await asyncio.gather(*(s.acquire(1000.0, 1030.0) for s in stores for _ in range(5)))
-    assert sum(1 for c in claims if c) == 4
+    stores = [runs_with(fresh_redis, settings, max_concurrency=4) for _ in range(10)]
+    await store_with(fresh_redis, settings).create("p", job(400))
+    claims = await asyncio.gather(*(s.acquire_many(1000.0, 1030.0, 1) for s in stores for _ in range(5)))
+    assert sum(1 for c in claims if c.runs) == 4
     assert await fresh_redis.zcard(keys.RUNNING) == 4
 
 
 async def test_project_cap_leaves_room_for_other_projects(fresh_redis: Redis, settings: Settings) -> None:
     store = store_with(fresh_redis, settings, max_concurrency=10, project_max_concurrency=2)
+    runs = runs_with(fresh_redis, settings, max_concurrency=10, project_max_concurrency=2)
     big = await store.create("big", job(400))
     small = await store.create("small", job(400))
-    claims = [await store.acquire(1000.0, 1030.0) for _ in range(6)]
-    started = [c[0].split(".")[0] for c in claims if c]
+    claims = [(await runs.acquire_many(1000.0, 1030.0, 1)).runs for _ in range(6)]
+    started = [c[0][0].split(".")[0] for c in claims if c]
     assert sorted(started) == sorted([big.id, big.id, small.id, small.id])
 
 
 async def test_dispatch_rate_is_limited(fresh_redis: Redis, settings: Settings) -> None:
     store = store_with(fresh_redis, settings, max_concurrency=100, dispatch_rpm=60)
+    runs = runs_with(fresh_redis, settings, max_concurrency=100, dispatch_rpm=60)
     await store.create("p", job(400))
-    burst = [await store.acquire(1000.0, 1030.0) for _ in range(8)]
+    burst = [(await runs.acquire_many(1000.0, 1030.0, 1)).runs for _ in range(8)]
     assert sum(1 for c in burst if c) == 5  # five seconds' worth at one a second
-    assert await store.acquire(1000.5, 1030.0) is None
-    assert await store.acquire(1001.2, 1030.0) is not None
+    assert (await runs.acquire_many(1000.5, 1030.0, 1)).runs == []
+    assert (await runs.acquire_many(1001.2, 1030.0, 1)).runs != []
 
 
 async def test_paused_project_starts_nothing(fresh_redis: Redis, settings: Settings) -> None:
     store = store_with(fresh_redis, settings, max_concurrency=10)
+    runs = runs_with(fresh_redis, settings, max_concurrency=10)
     await store.create("p", job(8))
     await store.set_paused("p", True)
-    assert await store.acquire(1000.0, 1030.0) is None
+    assert (await runs.acquire_many(1000.0, 1030.0, 1)).runs == []
     await store.create("p", job(8))  # new work does not wake a paused project
-    assert await store.acquire(1000.0, 1030.0) is None
+    assert (await runs.acquire_many(1000.0, 1030.0, 1)).runs == []
     await store.set_paused("p", False)
-    assert await store.acquire(1000.0, 1030.0) is not None
+    assert (await runs.acquire_many(1000.0, 1030.0, 1)).runs != []
 
 
 async def test_priority_orders_a_projects_own_jobs_and_projects_take_turns(
     fresh_redis: Redis, settings: Settings
 ) -> None:
     store = store_with(fresh_redis, settings, max_concurrency=100)
+    runs = runs_with(fresh_redis, settings, max_concurrency=100)
     a = await store.create("a", job(40))
     b = await store.create("b", job(40))
     c = await store.create("c", job(40, priority=5))
     urgent = await store.create("a", job(8, priority=0))
     order = []
     for _ in range(12):
-        claim = await store.acquire(1000.0, 1030.0)
-        assert claim is not None
+        (claim,) = (await runs.acquire_many(1000.0, 1030.0, 1)).runs
         order.append(claim[0].split(".")[0])
     # A lower priority number goes first within its project only: between projects, turns.
     assert [order.count(j) for j in (urgent.id, a.id, b.id, c.id)] == [2, 2, 4, 4]
@@ -118,15 +135,16 @@ async def test_priority_orders_a_projects_own_jobs_and_projects_take_turns(
 
 async def test_weights_share_runs_in_proportion(fresh_redis: Redis, settings: Settings) -> None:
     store = store_with(fresh_redis, settings, max_concurrency=1000)
+    runs = runs_with(fresh_redis, settings, max_concurrency=1000)
     await store.set_weights({"heavy": 3})
     heavy = await store.create("heavy", job(4000, priority=0))
     light = await store.create("light", job(4000, priority=9))
-    late = [(await store.acquire(1000.0, 1030.0)) for _ in range(200)]
-    taken = [claim[0].split(".")[0] for claim in late if claim]
+    late = [(await runs.acquire_many(1000.0, 1030.0, 1)).runs for _ in range(200)]
+    taken = [claim[0][0].split(".")[0] for claim in late if claim]
     assert (taken.count(heavy.id), taken.count(light.id)) == (150, 50)
     # A project that joins later starts at once and gets no credit for the time it was away.
     newcomer = await store.create("new", job(400))
-    nxt = [(await store.acquire(1000.0, 1030.0))[0].split(".")[0] for _ in range(50)]  # type: ignore[index]
+    nxt = [(await runs.acquire_many(1000.0, 1030.0, 1)).runs[0][0].split(".")[0] for _ in range(50)]
     assert nxt[0] == newcomer.id and 9 <= nxt.count(newcomer.id) <= 11  # its weight: 1 of 3 + 1 + 1
 
 
@@ -168,13 +186,14 @@ async def test_queue_figures_match_the_reference_across_projects_and_priorities(
     fresh_redis: Redis, settings: Settings
 ) -> None:
     store = store_with(fresh_redis, settings, max_concurrency=10, project_max_concurrency=4)
+    runs = runs_with(fresh_redis, settings, max_concurrency=10, project_max_concurrency=4)
     await store.set_weights({"a": 2})
     created = []
     for n in range(15):
         project = ("a", "b", "c")[n % 3]
         created.append(await store.create(project, job(4 * (n % 4 + 1) * settings.run_size, priority=n // 3 % 3)))
     for _ in range(5):  # some jobs start: in-flight runs, partly started jobs still queued
-        assert await store.acquire(1000.0, 1030.0) is not None
+        assert (await runs.acquire_many(1000.0, 1030.0, 1)).runs != []
     assert (await store.cancel(created[7].id))[0]
     # A partly started job moved behind others, so a job ahead of some has runs_started > 0.
     started = [j for j in await store.get_many([c.id for c in created]) if j.runs_started]
@@ -225,13 +244,14 @@ async def test_a_batch_claim_takes_what_single_claims_would(fresh_redis: Redis, 
     async def order(limit: int) -> list[str]:
         await fresh_redis.flushdb()
         store = store_with(fresh_redis, settings, max_concurrency=7, dispatch_rpm=60)
+        runs = runs_with(fresh_redis, settings, max_concurrency=7, dispatch_rpm=60)
         name = {}
         for project, priority in (("a", 10), ("b", 10), ("c", 5), ("a", 5)):
             name[(await store.create(project, job(12, priority=priority))).id] = f"{project}{priority}"
         taken: list[str] = []
         for now in (1000.0, 1003.0, 1100.0):
             while True:  # as the dispatcher does: claim until a claim comes back short
-                batch = (await store.acquire_many(now, now + 30, limit)).runs
+                batch = (await runs.acquire_many(now, now + 30, limit)).runs
                 assert len(batch) <= limit
                 taken += [f"{name[run_id.split('.')[0]]}:{run_id.split('.')[1]}" for run_id, _ in batch]
                 if len(batch) < limit:
@@ -246,43 +266,43 @@ async def test_a_batch_claim_takes_what_single_claims_would(fresh_redis: Redis, 
 
 
 async def test_a_batch_claim_stops_at_the_cap(fresh_redis: Redis, settings: Settings) -> None:
-    store = store_with(fresh_redis, settings, max_concurrency=6)
-    await store.create("p", job(400))
-    first = (await store.acquire_many(1000.0, 1030.0, 4)).runs
-    second = (await store.acquire_many(1000.0, 1030.0, 4)).runs
+    runs = runs_with(fresh_redis, settings, max_concurrency=6)
+    await store_with(fresh_redis, settings).create("p", job(400))
+    first = (await runs.acquire_many(1000.0, 1030.0, 4)).runs
+    second = (await runs.acquire_many(1000.0, 1030.0, 4)).runs
     assert (len(first), len(second)) == (4, 2)
-    assert (await store.acquire_many(1000.0, 1030.0, 4)).runs == []
+    assert (await runs.acquire_many(1000.0, 1030.0, 4)).runs == []
     assert await fresh_redis.zcard(keys.RUNNING) == 6
     assert len({run_id for run_id, _ in first + second}) == 6
 
 
 async def test_the_claim_call_records_runpod_ids_of_live_attempts_only(fresh_redis: Redis, settings: Settings) -> None:
-    store = store_with(fresh_redis, settings, max_concurrency=3)
-    await store.create("p", job(400))
-    (live, attempt), (stale, _), (gone, _) = (await store.acquire_many(1000.0, 1030.0, 3)).runs
-    await store.requeue(stale, 1, 1000.0, new_attempt=True, reason="retried meanwhile")
+    runs = runs_with(fresh_redis, settings, max_concurrency=3)
+    await store_with(fresh_redis, settings).create("p", job(400))
+    (live, attempt), (stale, _), (gone, _) = (await runs.acquire_many(1000.0, 1030.0, 3)).runs
+    assert await runs.requeue(stale, 1, 1000.0, new_attempt=True, reason="retried meanwhile") == 2
     await fresh_redis.hset(keys.run(gone), "status", "canceled")
     started = [StartedRun(live, attempt, "rp-live"), StartedRun(stale, 1, "rp-stale"), StartedRun(gone, 1, "rp-gone")]
-    claims = await store.acquire_many(1001.0, 1031.0, 4, started)
+    claims = await runs.acquire_many(1001.0, 1031.0, 4, started)
     assert claims.recorded == [True, False, False]
     assert [run_id for run_id, _ in claims.runs] == [stale]  # the retry, then the cap (3) is full
     assert await fresh_redis.hget(keys.run(live), "runpod_id") == "rp-live"
     assert await fresh_redis.hget(keys.run(stale), "runpod_id") == ""
     assert await fresh_redis.hget(keys.run(gone), "runpod_id") == ""
-    assert (await store.acquire_many(1002.0, 1032.0, 0, [StartedRun(stale, 2, "rp-2")])).recorded == [True]
+    assert (await runs.acquire_many(1002.0, 1032.0, 0, [StartedRun(stale, 2, "rp-2")])).recorded == [True]
     assert await fresh_redis.hget(keys.run(stale), "runpod_id") == "rp-2"
 
 
 async def test_a_pass_stores_outcomes_and_claims_in_one_call_even_after_a_script_flush(
     fresh_redis: Redis, settings: Settings
 ) -> None:
-    store = store_with(fresh_redis, settings, max_concurrency=2)
-    created = await store.create("p", job(12))  # 3 runs
-    (first, _), (second, _) = (await store.acquire_many(1000.0, 1030.0, 4)).runs
+    runs = runs_with(fresh_redis, settings, max_concurrency=2)
+    created = await store_with(fresh_redis, settings).create("p", job(12))  # 3 runs
+    (first, _), (second, _) = (await runs.acquire_many(1000.0, 1030.0, 4)).runs
     await fresh_redis.script_flush()  # as after a Redis restart: the scripts must be loaded again
     image = ImageRecord(status=ImageStatus.SUCCEEDED, attempt=1, object_key="k", bytes=3, finished_at=1001.0)
     outcome = Completion(first, 1, RunStatus.SUCCEEDED, {0: image})
-    stored, claims = await store.settle_and_claim([outcome, outcome], 1001.0, 1031.0, 4, [StartedRun(second, 1, "rp")])
+    stored, claims = await runs.settle_and_claim([outcome, outcome], 1001.0, 1031.0, 4, [StartedRun(second, 1, "rp")])
     assert stored == [True, False]  # the same outcome delivered twice is stored once
     assert not isinstance(claims, Exception)
     assert claims.recorded == [True]
@@ -294,13 +314,13 @@ async def test_a_pass_stores_outcomes_and_claims_in_one_call_even_after_a_script
 async def test_a_run_whose_outcome_beat_its_start_answer_keeps_its_runpod_id(
     fresh_redis: Redis, settings: Settings
 ) -> None:
-    store = store_with(fresh_redis, settings, max_concurrency=1)
-    await store.create("p", job(4))
-    ((run_id, attempt),) = (await store.acquire_many(1000.0, 1030.0, 4)).runs
+    runs = runs_with(fresh_redis, settings, max_concurrency=1)
+    await store_with(fresh_redis, settings).create("p", job(4))
+    ((run_id, attempt),) = (await runs.acquire_many(1000.0, 1030.0, 4)).runs
     image = ImageRecord(status=ImageStatus.SUCCEEDED, attempt=1, object_key="k", finished_at=1001.0)
-    assert await store.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, {0: image}))
+    assert await runs.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, {0: image}))
     # The webhook came (and was stored) before /run's answer reached the dispatcher.
-    assert (await store.acquire_many(1002.0, 1032.0, 0, [StartedRun(run_id, attempt, "rp-fast")])).recorded == [True]
+    assert (await runs.acquire_many(1002.0, 1032.0, 0, [StartedRun(run_id, attempt, "rp-fast")])).recorded == [True]
     assert await fresh_redis.hget(keys.run(run_id), "runpod_id") == "rp-fast"
 
 

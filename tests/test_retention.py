@@ -13,18 +13,20 @@ import pytest
 from redis.asyncio import Redis
 
 from deploy.processes import Process, base_env, python, scratch_dir, start_redis
-from services.gateway.datasets import save_dataset
 from services.gateway.images import check_image
-from services.gateway.uploads import store_upload
+from services.gateway.intake import store_upload
 from services.packager.retention import purge_expired
 from services.packager.upload_retention import purge_unused_uploads
 from shared import keys, scripts
-from shared.downloads import create_download
-from shared.jobstore import JobStore, MissingKeys
+from shared.errors import MissingKeys
 from shared.models import SemiAutoJobRequest
 from shared.scripts import Answer
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.stores.datasets import DatasetStore
+from shared.stores.downloads import DownloadStore
+from shared.stores.jobs import JobStore
+from shared.stores.uploads import PURGE_LEASE_SECONDS, UploadStore
 from tests.stack_helpers import png_bytes
 
 DAY = 24 * 3600
@@ -142,7 +144,7 @@ async def test_an_interrupted_purge_is_finished_and_old_downloads_go(
     await storage.put_bytes(leftover, b"x", "image/png")
     await redis.sadd(keys.PURGING, job_id)
 
-    download = await create_download(redis, PROJECT, ["g"])
+    download = await DownloadStore(redis).create(PROJECT, ["g"])
     await storage.put_bytes(keys.download_object(download.id), b"zip", "application/zip")
     await redis.hset(keys.download(download.id), "zip_key", keys.download_object(download.id))
 
@@ -194,7 +196,7 @@ async def test_the_packager_schedules_the_purge_and_stops_cleanly(
 
 async def send(redis: Redis, storage: Storage, project: str, data: bytes) -> str:
     image = check_image(data, 50 * 1024 * 1024, 50_000_000)
-    return (await store_upload(storage, redis, project, image, data)).id
+    return (await store_upload(storage, UploadStore(redis), project, image, data)).id
 
 
 async def upload_gone(redis: Redis, storage: Storage, upload_id: str, *projects: str) -> bool:
@@ -217,7 +219,8 @@ async def claimed_upload(redis: Redis, storage: Storage, width: int, claimed_at:
     data = png_bytes(seed=uuid.uuid4().int % 200, width=width)
     upload_id = await send(redis, storage, PROJECT, data)
     claim_keys = [keys.upload_holders(upload_id), keys.UPLOADS_BY_USE, keys.UPLOADS_PURGING]
-    assert await scripts.CLAIM_UPLOAD(redis, claim_keys, [upload_id, time.time() + 1, claimed_at]) == Answer.DONE
+    claimed = await scripts.CLAIM_UPLOAD(redis, claim_keys, [upload_id, time.time() + 1, claimed_at])
+    assert claimed.answer == Answer.DONE
     return upload_id, data
 
 
@@ -233,8 +236,8 @@ async def test_uploads_and_datasets_nothing_used_go_and_the_rest_stay(
     # A job still kept names one; a dataset used lately holds another; one is sent again lately.
     job_id = await seed_job(redis, storage, status="processing", created=now, completed=None)
     await redis.hset(keys.job(job_id), "config", json.dumps({"mode": "semi_auto", "reference_ids": [named]}))
-    dataset_id, _ = await save_dataset(redis, PROJECT, [in_dataset])
-    old_dataset, _ = await save_dataset(redis, PROJECT, [free])
+    dataset_id = (await DatasetStore(redis).save(PROJECT, [in_dataset])).id
+    old_dataset = (await DatasetStore(redis).save(PROJECT, [free])).id
     later = now + 2 * DAY
     await redis.zadd(keys.DATASETS_BY_USE, {dataset_id: later})
     await redis.zadd(keys.UPLOADS_BY_USE, {resent: later})
@@ -299,7 +302,7 @@ async def test_a_claim_older_than_its_lease_is_taken_back_by_a_new_upload(
 ) -> None:
     now = time.time()
     # Claimed by a purge that died longer ago than the lease.
-    upload_id, data = await claimed_upload(redis, storage, 80, now - scripts.UPLOAD_PURGE_LEASE_SECONDS - 1)
+    upload_id, data = await claimed_upload(redis, storage, 80, now - PURGE_LEASE_SECONDS - 1)
     await storage.delete(keys.upload_object(upload_id))  # it may have got as far as the DELETE
 
     assert await asyncio.wait_for(send(redis, storage, PROJECT, data), 1) == upload_id  # no wait

@@ -9,9 +9,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared import keys, scripts
-from shared.jobstore import JobStore
 from shared.models import JOB_TRANSITIONS, RUN_TRANSITIONS, JobStatus, SemiAutoJobRequest
 from shared.settings import Settings
+from shared.stores.jobs import JobStore
 
 LOADED = {value.name: value for value in vars(scripts).values() if isinstance(value, scripts.Script)}
 

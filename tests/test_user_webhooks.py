@@ -2,6 +2,8 @@
 HTTP receiver (an aiohttp server started here), against the real Redis and S3 servers."""
 
 import asyncio
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -16,12 +18,12 @@ from deploy.processes import free_port
 from deploy.stack import Stack
 from services.packager.notifier import Notifier, PublicOnlyResolver, run_notifier
 from shared import keys
-from shared.jobstore import JobStore
 from shared.models import JobStatus, SemiAutoJobRequest
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.stores.jobs import JobStore
 from shared.webhook_safety import webhook_url_problem
-from shared.webhook_signing import project_webhook_secret, signature_header, verify_signature
+from shared.webhook_signing import project_webhook_secret, signature_header
 from tests.stack_helpers import client, running_stack, submit, wait_final
 
 PROJECT = "hooks-project"
@@ -87,6 +89,23 @@ async def test_the_delivery_resolver_refuses_names_that_lead_to_private_addresse
 
 
 # --- signatures ---
+
+
+def verify_signature(secret: str, body: bytes, header: str, tolerance_s: float = 300) -> bool:
+    """A receiver's check, as the notifier's docstring describes it: `header` signs exactly `body`
+    with `secret` (any of its v1, for rotation) and its timestamp is within tolerance_s of now."""
+    timestamp: int | None = None
+    signatures: list[str] = []
+    for item in header.split(","):
+        name, _, value = item.strip().partition("=")
+        if name == "t" and value.isdigit():
+            timestamp = int(value)
+        elif name == "v1" and value:
+            signatures.append(value)
+    if timestamp is None or not signatures or abs(time.time() - timestamp) > tolerance_s:
+        return False
+    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return any(hmac.compare_digest(expected, candidate) for candidate in signatures)
 
 
 def test_signatures_verify_only_the_exact_body_with_the_right_secret_while_fresh() -> None:

@@ -95,9 +95,9 @@ async def worker_env(gemini_url: str) -> AsyncIterator[None]:
     patch.setenv("GEMINI_BACKOFF_MAX_SECONDS", "0.05")
     patch.setenv("TRANSFER_MAX_ATTEMPTS", "3")
     patch.setenv("TRANSFER_BACKOFF_MAX_SECONDS", "0.05")
-    await gemini_client.close_client()  # a client built before this env would ignore it
+    # get_client builds a new client for a new key or base URL: the handler picks this env up.
     yield
-    await gemini_client.close_client()
+    await gemini_client.get_client(gemini_client.WorkerSettings.from_env()).aio.aclose()
     patch.undo()
 
 

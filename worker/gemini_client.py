@@ -109,13 +109,6 @@ def get_client(settings: WorkerSettings) -> genai.Client:
     return _client
 
 
-async def close_client() -> None:
-    global _client, _client_key
-    if _client is not None:
-        await _client.aio.aclose()
-    _client, _client_key = None, None
-
-
 # --- one image -------------------------------------------------------------------------------------------
 
 

@@ -2,8 +2,8 @@
 
 from collections import OrderedDict
 
-from shared.jobstore import JobStore
 from shared.planning import JobConfig
+from shared.stores.jobs import JobStore
 
 
 class ConfigCache:

@@ -12,10 +12,11 @@ from services.dispatcher.configs import ConfigCache
 from services.dispatcher.payloads import build_run_input, policy, webhook_url
 from services.dispatcher.runpod_client import RunPodClient, RunPodError
 from shared import keys, metrics
-from shared.jobstore import Claims, Completion, ImageRecord, JobStore, StartedRun
 from shared.models import ImageStatus, RunStatus
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.stores.records import Claims, Completion, ImageRecord, StartedRun
+from shared.stores.runs import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,14 @@ STARTED_RECORD_DELAY = 0.005
 class Dispatcher:
     def __init__(
         self,
-        store: JobStore,
+        runs: RunStore,
         configs: ConfigCache,
         storage: Storage,
         runpod: RunPodClient,
         settings: Settings,
         wakeup: asyncio.Event,
     ) -> None:
-        self.store = store
+        self.runs = runs
         self.configs = configs
         self.storage = storage
         self.runpod = runpod
@@ -57,8 +58,9 @@ class Dispatcher:
             except Exception:
                 log.exception("dispatch pass failed")
                 await asyncio.sleep(1.0)
-            # Woken at once by local news (a run ended or started, a job arrived); other replicas'
-            # news and retries coming due are seen on the next timeout.
+            # Woken at once by news: a run of this process ended or started, or a job was queued
+            # anywhere (services/dispatcher/wakeups.py); other replicas' runs ending and retries
+            # coming due are seen on the next timeout.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(idle_wait):  # unlike wait_for, no task per pass
                     await self.wakeup.wait()
@@ -76,7 +78,7 @@ class Dispatcher:
         """Store a run's outcome in the next pass, in one round trip with the claims it frees a
         slot for; True when this call stored it (not an earlier delivery)."""
         if self._stopped:
-            return await self.store.complete(completion)
+            return await self.runs.complete(completion)
         future = asyncio.get_running_loop().create_future()
         self._completions.append((completion, future))
         self.wakeup.set()
@@ -96,7 +98,7 @@ class Dispatcher:
         stored: list[bool | Exception]
         claims: Claims | Exception
         try:
-            stored, claims = await self.store.settle_and_claim(
+            stored, claims = await self.runs.settle_and_claim(
                 [completion for completion, _ in completions],
                 now,
                 now + self.settings.webhook_grace_seconds,
@@ -133,7 +135,7 @@ class Dispatcher:
         claimed = time.monotonic()
         try:
             config = await self.configs.get(job_id)
-            slots = await self.store.run_slots(run_id, config)
+            slots = await self.runs.run_slots(run_id, config)
             run_input = build_run_input(config, run_id, slots, attempt, self.storage, self.settings)
             runpod_id = await self.runpod.run(
                 run_input.model_dump(mode="json"), webhook_url(run_id, attempt, self.settings), policy(self.settings)
@@ -164,7 +166,7 @@ class Dispatcher:
             if live:
                 log.debug("run %s attempt %s started as %s", run.run_id, run.attempt, run.runpod_id, extra=ids)
                 continue
-            current = await self.store.run(run.run_id)
+            current = await self.runs.run(run.run_id)
             if current is None or current.status == RunStatus.CANCELED or current.attempt != run.attempt:
                 # Canceled while /run was on the wire (and maybe archived with its job since: its
                 # record is gone), or given up on meanwhile (its start took longer than the webhook
@@ -190,7 +192,7 @@ class Dispatcher:
             delay = backoff_delay(attempt, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
             log.warning("RunPod did not take run %s (%s); trying again in %.1fs", run_id, exc, delay, extra=ids)
             # The same attempt: it never started, so nothing of it can arrive later.
-            await self.store.requeue(run_id, attempt, time.time() + delay, new_attempt=False, reason=str(exc))
+            await self.runs.requeue(run_id, attempt, time.time() + delay, new_attempt=False, reason=str(exc))
             return
         log.error("RunPod refused run %s: %s", run_id, exc, extra=ids)
         now = time.time()
@@ -204,4 +206,4 @@ class Dispatcher:
             )
             for index in slots
         }
-        await self.store.complete(Completion(run_id, attempt, RunStatus.FAILED, records))
+        await self.runs.complete(Completion(run_id, attempt, RunStatus.FAILED, records))

@@ -8,17 +8,17 @@ from redis.asyncio import Redis
 
 from services.dispatcher.results import EXPIRED, FINAL_FAILURES
 from services.dispatcher.runpod_client import RunPodClient, RunPodError
-from shared import events, keys, metrics
-from shared.jobstore import JobStore
+from shared import keys, metrics, task_results
 from shared.models import RunStatus
 from shared.settings import Settings
+from shared.stores.runs import RunStore
 
 log = logging.getLogger(__name__)
 
 
 class Poller:
-    def __init__(self, store: JobStore, redis: Redis, runpod: RunPodClient, settings: Settings) -> None:
-        self.store = store
+    def __init__(self, runs: RunStore, redis: Redis, runpod: RunPodClient, settings: Settings) -> None:
+        self.runs = runs
         self.redis = redis
         self.runpod = runpod
         self.settings = settings
@@ -36,33 +36,33 @@ class Poller:
 
     async def poll_overdue(self) -> None:
         now = time.time()
-        overdue = await self.store.overdue_runs(now)
+        overdue = await self.runs.overdue_runs(now)
         await asyncio.gather(*(self.check(run_id, now) for run_id in overdue))
 
     async def check(self, run_id: str, now: float) -> None:
         next_look = now + self.settings.poll_interval_seconds
-        run = await self.store.run(run_id)
+        run = await self.runs.run(run_id)
         if run is None or run.status != RunStatus.DISPATCHED:
             # Settled by a script that forgot nothing else; only a stray index entry is left.
             if run is None:
                 await self.redis.zrem(keys.RUNNING, run_id)
             else:
-                await self.store.forget_run(run_id, run.project)
+                await self.runs.release_slots(run_id, run.project)
             return
         if not run.runpod_id:
             # Claimed but never confirmed started: its dispatcher died mid-call. A new attempt
             # keeps any orphan execution's late output and webhook apart from the retry.
-            await self.store.requeue(run_id, run.attempt, now, new_attempt=True, reason="start not confirmed")
+            await self.runs.requeue(run_id, run.attempt, now, new_attempt=True, reason="start not confirmed")
             return
         try:
             body = await self.runpod.status(run.runpod_id)
         except RunPodError as exc:
             metrics.RUNPOD_ERRORS.labels(f"status_{exc.status or 'unreachable'}").inc()
             log.warning("status of run %s unavailable: %s", run_id, exc, extra={"run_id": run_id})
-            await self.store.postpone(run_id, next_look)
+            await self.runs.postpone(run_id, next_look)
             return
         if body is None:
             body = {"id": run.runpod_id, "status": EXPIRED, "error": "RunPod no longer knows this run"}
         if body.get("status") == "COMPLETED" or body.get("status") in FINAL_FAILURES | {EXPIRED}:
-            await self.redis.xadd(keys.TASK_RESULTS_STREAM, events.task_result(run_id, run.attempt, body, "poll"))
-        await self.store.postpone(run_id, next_look)
+            await task_results.publish(self.redis, run_id, run.attempt, body, "poll")
+        await self.runs.postpone(run_id, next_look)

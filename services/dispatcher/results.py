@@ -10,10 +10,11 @@ from services.dispatcher.backoff import backoff_delay
 from services.dispatcher.configs import ConfigCache
 from services.dispatcher.verify import ResultVerifier, parse_outcomes
 from shared import keys, metrics
-from shared.jobstore import Completion, ImageRecord, JobStore
 from shared.models import ImageStatus, RunStatus
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.stores.records import Completion, ImageRecord
+from shared.stores.runs import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +26,13 @@ EXPIRED = "EXPIRED"
 class ResultHandler:
     def __init__(
         self,
-        store: JobStore,
+        runs: RunStore,
         configs: ConfigCache,
         settings: Settings,
         complete: Callable[[Completion], Awaitable[bool]],
         storage: Storage,
     ) -> None:
-        self.store = store
+        self.runs = runs
         self.configs = configs
         self.settings = settings
         # Dispatcher.complete: the outcome is stored in the same round trip as the next claims.
@@ -50,12 +51,12 @@ class ResultHandler:
         # IN_QUEUE / IN_PROGRESS: nothing final to record.
 
     async def _completed(self, run_id: str, attempt: int, output: Any) -> None:
-        run = await self.store.run(run_id)
+        run = await self.runs.run(run_id)
         if run is None or run.attempt != attempt or run.status != RunStatus.DISPATCHED:
-            return  # settled already (COMPLETE would refuse it): spare reading its images again
+            return  # settled already (COMPLETE_RUN would refuse it): spare reading its images again
         job_id, _ = keys.split_run_id(run_id)
         config = await self.configs.get(job_id)
-        slots = list(await self.store.run_slots(run_id, config))
+        slots = list(await self.runs.run_slots(run_id, config))
         # Checked against the stored objects before anything is recorded, so the job cannot reach
         # packaging with an image that is not there; raises (message retried) if storage is down.
         records = await self.verifier.records(run_id, attempt, slots, parse_outcomes(output, self.settings))
@@ -68,12 +69,12 @@ class ResultHandler:
             log.debug("run %s attempt %s completed", run_id, attempt, extra=_ids(run_id))
 
     async def _failed(self, run_id: str, attempt: int, reason: str) -> None:
-        run = await self.store.run(run_id)
+        run = await self.runs.run(run_id)
         if run is None or run.attempt != attempt or run.status != RunStatus.DISPATCHED:
             return  # stale or duplicate news about an attempt that is already settled
         if attempt < self.settings.max_run_attempts:
             delay = backoff_delay(attempt, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
-            await self.store.requeue(run_id, attempt, time.time() + delay, new_attempt=True, reason=reason)
+            await self.runs.requeue(run_id, attempt, time.time() + delay, new_attempt=True, reason=reason)
             log.warning(
                 "run %s attempt %s failed (%s); retrying in %.1fs", run_id, attempt, reason, delay, extra=_ids(run_id)
             )
@@ -85,7 +86,7 @@ class ResultHandler:
             index: ImageRecord(
                 status=ImageStatus.FAILED, attempt=attempt, error="run_failed", detail=reason[:500], finished_at=now
             )
-            for index in await self.store.run_slots(run_id, config)
+            for index in await self.runs.run_slots(run_id, config)
         }
         if await self.complete(Completion(run_id, attempt, RunStatus.FAILED, records)):
             log.error("run %s failed after %s attempts: %s", run_id, attempt, reason, extra=_ids(run_id))

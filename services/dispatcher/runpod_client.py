@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from shared import bounded_json
+from shared.errors import UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +30,14 @@ RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 BODY_SNIPPET_CHARS = 200
 
 
-class RunPodError(Exception):
+class RunPodError(UpstreamError):
     """A RunPod call that failed; `retryable` says whether trying again later may help."""
 
     def __init__(
         self, status: int | None, message: str, retryable: bool = False, retry_after: float | None = None
     ) -> None:
-        super().__init__(f"RunPod {status if status is not None else 'no response'}: {message}")
+        super().__init__(f"RunPod {status if status is not None else 'no response'}: {message}", retryable=retryable)
         self.status = status  # None when no HTTP answer came (connection error, timeout)
-        self.message = message
-        self.retryable = retryable
         self.retry_after = retry_after
 
 

@@ -22,11 +22,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from shared import keys
-from shared.jobstore import ImageRecord
 from shared.models import ImageOutcome, ImageStatus
 from shared.planning import EXTENSIONS
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.stores.records import ImageRecord
 
 # The error of an image whose reported outcome was malformed or out of bounds.
 INVALID_RESULT = "invalid_result"

@@ -13,11 +13,11 @@ from services.packager.packaging import Packager
 from services.packager.retention import RetentionSchedule
 from shared import keys, logs, metrics
 from shared.archive import JobArchive
-from shared.jobstore import JobStore
 from shared.lifecycle import run_until_signalled
 from shared.secret_policy import refuse_unsafe_secrets
 from shared.settings import get_settings
 from shared.storage import Storage
+from shared.stores.jobs import JobStore
 from shared.streams import StreamConsumer, connect, consumer_name
 
 

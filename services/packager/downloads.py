@@ -18,12 +18,16 @@ from redis.asyncio import Redis
 
 from services.packager.zipper import ZipEntry, safe_zip_path, truncate_utf8, write_zip
 from shared import keys, planning
-from shared.downloads import FINAL_DOWNLOAD_STATUSES, DownloadRecord, DownloadStatus, load_download
-from shared.jobstore import ImageRecord, JobStore
+from shared.errors import Invalid
 from shared.models import ImageStatus
 from shared.planning import image_file_name
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.stores.downloads import FINAL_DOWNLOAD_STATUSES, DownloadRecord, DownloadStatus, DownloadStore
+from shared.stores.groups import GroupStore
+from shared.stores.jobs import JobStore
+from shared.stores.records import ImageRecord
+from shared.times import iso, utc
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,7 @@ class _Folder:
     images: list[_Image] = field(default_factory=list)
 
 
-class _Unbuildable(Exception):
+class _Unbuildable(Invalid):
     """The download can never be built as asked: fail it instead of retrying."""
 
 
@@ -68,15 +72,11 @@ def folder_path(name: str, group_id: str, taken: set[str]) -> str:
     return path
 
 
-def _iso(value: float | None) -> str | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC).isoformat()
-
-
 def manifest(record: DownloadRecord, folders: list[_Folder], missing: list[str]) -> dict[str, Any]:
     return {
         "download_id": record.id,
-        "created_at": _iso(record.created_at),
-        "packaged_at": _iso(time.time()),
+        "created_at": iso(record.created_at),
+        "packaged_at": iso(time.time()),
         "groups": [
             {
                 "id": folder.group_id,
@@ -92,7 +92,7 @@ def manifest(record: DownloadRecord, folders: list[_Folder], missing: list[str])
                         "reference_ids": list(image.reference_ids),
                         "input_id": image.input_id,
                         "attempt": image.record.attempt,
-                        "created_at": _iso(image.record.finished_at),
+                        "created_at": iso(image.record.finished_at),
                     }
                     for image in folder.images
                 ],
@@ -113,7 +113,7 @@ def zip_entries(folders: list[_Folder], manifest_json: bytes) -> Iterator[ZipEnt
             yield ZipEntry(
                 name=image.path,
                 object_key=record.object_key,
-                modified_at=datetime.fromtimestamp(record.finished_at, UTC),
+                modified_at=utc(record.finished_at),
                 size=record.bytes if known else None,
                 crc32=record.crc32 if known else None,
             )
@@ -126,20 +126,19 @@ class DownloadBuilder:
         self.store = store
         self.storage = storage
         self.settings = settings
+        self.downloads = DownloadStore(redis)
+        self.groups = GroupStore(redis)
 
     async def __call__(self, fields: dict[str, str]) -> None:
         await self.build(fields["download_id"])
 
     async def build(self, download_id: str) -> None:
-        record = await load_download(self.redis, download_id)
+        record = await self.downloads.find(download_id)
         if record is None or record.status in FINAL_DOWNLOAD_STATUSES:
             return  # purged, or built already (a redelivered message)
-        key = keys.download(download_id)
-        attempts = await self.redis.hincrby(key, "attempts", 1)
-        if attempts > MAX_ATTEMPTS:
+        if await self.downloads.start_building(download_id) > MAX_ATTEMPTS:
             await self._finish(download_id, DownloadStatus.FAILED, error=f"gave up after {MAX_ATTEMPTS} attempts")
             return
-        await self.redis.hset(key, "status", DownloadStatus.BUILDING.value)
         started = time.monotonic()
         try:
             await self._build(record)
@@ -180,12 +179,12 @@ class DownloadBuilder:
         taken = {MANIFEST.casefold()}  # a group named "manifest.json" must not shadow the manifest
         folders, missing = [], []
         for group_id in record.group_ids:
-            group = await self.redis.hgetall(keys.group(group_id))
-            if not group or group.get("project") != record.project:
+            group = await self.groups.find(record.project, group_id)
+            if group is None:
                 missing.append(group_id)
                 continue
-            folder = _Folder(group_id, group["name"], folder_path(group["name"], group_id, taken))
-            for job_id in await self.redis.zrange(keys.group_jobs(group_id), 0, -1):
+            folder = _Folder(group_id, group.name, folder_path(group.name, group_id, taken))
+            for job_id in await self.groups.job_ids(group_id):
                 folder.job_ids.append(job_id)
                 folder.images += await self._job_images(job_id, folder.path)
             folders.append(folder)
@@ -207,7 +206,4 @@ class DownloadBuilder:
         return images
 
     async def _finish(self, download_id: str, status: DownloadStatus, **fields: Any) -> None:
-        values = {name: value for name, value in fields.items() if value is not None}
-        await self.redis.hset(
-            keys.download(download_id), mapping={"status": status.value, "completed_at": time.time(), **values}
-        )
+        await self.downloads.finish(download_id, status, **fields)

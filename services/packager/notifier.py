@@ -13,8 +13,9 @@ Every delivery is a POST of JSON
 
 with the header `Bunch-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of f"{t}.{body}">` (the
 Stripe scheme: the receiver recomputes it with its project's secret, compares in constant time and
-refuses stale timestamps; see `verify_signature`). `Bunch-Delivery` repeats the delivery id: a
-delivery can arrive more than once (at-least-once), and the id lets the receiver drop repeats.
+refuses stale timestamps, as tests/test_user_webhooks.py does). `Bunch-Delivery` repeats the
+delivery id: a delivery can arrive more than once (at-least-once), and the id lets the receiver
+drop repeats.
 
 The signing secret is per project and derived from `user_webhook_secret` (or, when unset, from
 `webhook_secret`), never `webhook_secret` itself: that one signs RunPod's callback tokens, and
@@ -33,7 +34,6 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -43,11 +43,13 @@ from redis.asyncio import Redis
 
 from shared import keys
 from shared.archive import JobArchive
-from shared.jobstore import JobRecord, JobStore
 from shared.models import FINAL_JOB_STATUSES
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.stores.jobs import JobStore
+from shared.stores.records import JobRecord
 from shared.streams import StreamConsumer, consumer_name
+from shared.times import iso
 from shared.webhook_safety import address_problem, check_webhook_url
 from shared.webhook_signing import project_signing_secrets, signature_header
 
@@ -75,10 +77,6 @@ return 1
 # --- the body ---
 
 
-def _iso(value: float | None) -> str | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC).isoformat()
-
-
 def delivery_id(job: JobRecord) -> str:
     """Same for every retry and redelivery of one ending of one job."""
     return f"{job.id}:{job.status.value}:{job.completed_at or ''}"
@@ -91,13 +89,13 @@ def build_body(job: JobRecord, storage: Storage, settings: Settings) -> dict[str
             "ready": True,
             "bytes": job.zip_bytes,
             "url": storage.presigned_get(job.zip_key, f"bunch-{job.id}.zip"),
-            "url_expires_at": _iso(time.time() + settings.presign_expiry_seconds),
+            "url_expires_at": iso(time.time() + settings.presign_expiry_seconds),
         }
     api = f"{settings.public_url}/api/jobs/{job.id}"
     return {
         "event": EVENT,
         "id": delivery_id(job),
-        "created_at": _iso(time.time()),
+        "created_at": iso(time.time()),
         "job": {
             "id": job.id,
             "status": job.status.value,
@@ -112,9 +110,9 @@ def build_body(job: JobRecord, storage: Storage, settings: Settings) -> dict[str
                 "runs_done": job.runs_done,
             },
             "error": job.error,
-            "created_at": _iso(job.created_at),
-            "started_at": _iso(job.started_at),
-            "completed_at": _iso(job.completed_at),
+            "created_at": iso(job.created_at),
+            "started_at": iso(job.started_at),
+            "completed_at": iso(job.completed_at),
             "zip": zip_info,
             "links": {
                 "status": f"{api}/status",

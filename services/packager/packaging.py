@@ -15,11 +15,13 @@ from redis.exceptions import WatchError
 
 from services.packager.zipper import ObjectMismatch, ZipEntry, write_zip
 from shared import keys, metrics, planning
-from shared.jobstore import ImageRecord, JobRecord, JobStore
 from shared.models import ImageStatus, JobStatus
 from shared.planning import JobConfig, image_file_name
 from shared.settings import Settings
 from shared.storage import MISSING, Storage
+from shared.stores.jobs import JobStore
+from shared.stores.records import ImageRecord, JobRecord
+from shared.times import iso, utc
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +29,6 @@ log = logging.getLogger(__name__)
 OBJECT_MISMATCH = "object_mismatch"
 # Objects looked at (HEAD) at once when one turned out unusable.
 VERIFY_CONCURRENCY = 8
-
-
-def _iso(value: float | None) -> str | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC).isoformat()
 
 
 def manifest(job: JobRecord, config: JobConfig, images: dict[int, ImageRecord]) -> dict[str, Any]:
@@ -49,7 +47,7 @@ def manifest(job: JobRecord, config: JobConfig, images: dict[int, ImageRecord]) 
                 {
                     "file": image_file_name(index, record.mime_type),
                     **common,
-                    "created_at": _iso(record.finished_at),
+                    "created_at": iso(record.finished_at),
                     "prompt_tokens": record.prompt_tokens,
                     "output_tokens": record.output_tokens,
                 }
@@ -60,8 +58,8 @@ def manifest(job: JobRecord, config: JobConfig, images: dict[int, ImageRecord]) 
         "job_id": job.id,
         "mode": job.mode,
         "group": job.group,
-        "created_at": _iso(job.created_at),
-        "packaged_at": _iso(time.time()),
+        "created_at": iso(job.created_at),
+        "packaged_at": iso(time.time()),
         "config": config.model_dump(mode="json"),
         "images_total": job.images_total,
         "images": entries,
@@ -76,7 +74,7 @@ def zip_entries(images: dict[int, ImageRecord], manifest_json: bytes) -> Iterato
             yield ZipEntry(
                 name=image_file_name(index, record.mime_type),
                 object_key=record.object_key,
-                modified_at=datetime.fromtimestamp(record.finished_at, UTC),
+                modified_at=utc(record.finished_at),
                 # Known from the worker: spares reading each image twice (once for its CRC).
                 size=record.bytes if record.crc32 is not None else None,
                 crc32=record.crc32 if record.bytes is not None else None,

@@ -25,17 +25,16 @@ from redis.exceptions import WatchError
 
 from services.packager.upload_retention import purge_unused_datasets, purge_unused_uploads
 from shared import keys
-from shared.jobstore import ImageRecord
-from shared.models import FINAL_JOB_STATUSES
+from shared.models import FINAL_STATUS_VALUES
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.stores.records import ImageRecord
 
 log = logging.getLogger(__name__)
 
 DAY = 24 * 3600
 PAGE = 200
 PURGE_TIMEOUT_SECONDS = 6 * 3600
-_FINAL = frozenset(status.value for status in FINAL_JOB_STATUSES)
 _JOB_FIELDS = ("project", "status", "created_at", "completed_at", "group_id", "zip_key")
 
 
@@ -76,7 +75,7 @@ async def _finish_interrupted(redis: Redis, storage: Storage) -> None:
 
 
 def _expired(fields: dict[str, str | None], cutoff: float) -> bool:
-    if fields["status"] not in _FINAL:
+    if fields["status"] not in FINAL_STATUS_VALUES:
         return False
     # A final job without completed_at (should not happen) ages from its creation.
     finished = fields["completed_at"] or fields["created_at"] or "0"

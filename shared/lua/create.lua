@@ -9,7 +9,8 @@
 --       redis-py packs each argument in Python, and some forty of them cost the gateway more than
 --       decoding JSON costs Redis), [9] a group name to resolve instead of a group_id, or '',
 --       [10] the id for the group if it is new, [11] the job's images, [12] the project's
---       live-images quota (0: none), [13] the project's jobs-per-minute quota (0: none)
+--       live-images quota (0: none), [13] the project's jobs-per-minute quota (0: none), [14] the
+--       dataset the job's inputs come from, or '' (retention keeps a dataset a job named lately)
 -- Returns: {DONE, sequence number, group id or ''}, {MISSING, {1-based positions in KEYS}},
 --          {OVER_QUOTA, 'images', seconds to retry after, images now}, or
 --          {OVER_QUOTA, 'jobs_per_minute', seconds to retry after}
@@ -29,6 +30,7 @@ if per_minute > 0 then
   if wait > 0 then return {OVER_QUOTA, 'jobs_per_minute', math.ceil(wait)} end
 end
 mark_uploads_used(created_at)
+if ARGV[14] ~= '' then redis.call('ZADD', DATASETS_BY_USE, 'GT', created_at, ARGV[14]) end
 local group_id = ARGV[6]
 if ARGV[9] ~= '' then group_id = group_by_name(project, ARGV[9], ARGV[10], created_at) end
 local seq = redis.call('INCR', JOB_SEQ)

@@ -1,4 +1,4 @@
-"""Download records (keys.download): the gateway creates them, the packager builds them."""
+"""Downloads of whole groups in Redis (keys.download): the gateway creates them, the packager builds them."""
 
 import json
 import time
@@ -10,6 +10,7 @@ from pydantic import BaseModel, field_validator
 from redis.asyncio import Redis
 
 from shared import keys
+from shared.errors import NotFound
 from shared.ids import is_id
 
 
@@ -47,28 +48,55 @@ class DownloadRecord(BaseModel):
         return json.loads(value) if isinstance(value, str) else value
 
 
-async def create_download(redis: Redis, project: str, group_ids: list[str]) -> DownloadRecord:
-    """Record a queued download and publish it for the packager, all or nothing."""
-    record = DownloadRecord(
-        id=uuid.uuid4().hex,
-        project=project,
-        group_ids=group_ids,
-        status=DownloadStatus.QUEUED,
-        created_at=time.time(),
-    )
-    fields = {**record.model_dump(mode="json", exclude_none=True), "group_ids": json.dumps(group_ids)}
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(keys.download(record.id), mapping=fields)
-        pipe.zadd(keys.DOWNLOADS_BY_TIME, {record.id: record.created_at})
-        pipe.xadd(keys.DOWNLOADS_STREAM, {"download_id": record.id})
-        await pipe.execute()
-    return record
+NOT_FOUND = "No such download in this project."
 
 
-async def load_download(redis: Redis, download_id: str) -> DownloadRecord | None:
-    if not is_id(download_id):
-        return None
-    raw = await redis.hgetall(keys.download(download_id))
-    if not raw:
-        return None
-    return DownloadRecord.model_validate({k: v for k, v in raw.items() if v != ""})
+class DownloadStore:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    async def create(self, project: str, group_ids: list[str]) -> DownloadRecord:
+        """Record a queued download and publish it for the packager, all or nothing."""
+        record = DownloadRecord(
+            id=uuid.uuid4().hex,
+            project=project,
+            group_ids=group_ids,
+            status=DownloadStatus.QUEUED,
+            created_at=time.time(),
+        )
+        fields = {**record.model_dump(mode="json", exclude_none=True), "group_ids": json.dumps(group_ids)}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.download(record.id), mapping=fields)
+            pipe.zadd(keys.DOWNLOADS_BY_TIME, {record.id: record.created_at})
+            pipe.xadd(keys.DOWNLOADS_STREAM, {"download_id": record.id})
+            await pipe.execute()
+        return record
+
+    async def find(self, download_id: str) -> DownloadRecord | None:
+        if not is_id(download_id):
+            return None
+        raw = await self.redis.hgetall(keys.download(download_id))
+        if not raw:
+            return None
+        return DownloadRecord.model_validate({k: v for k, v in raw.items() if v != ""})
+
+    async def get(self, project: str, download_id: str) -> DownloadRecord:
+        record = await self.find(download_id)
+        if record is None or record.project != project:
+            raise NotFound(NOT_FOUND)
+        return record
+
+    async def start_building(self, download_id: str) -> int:
+        """Mark the download building; returns how many attempts (this one included) it has had."""
+        key = keys.download(download_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(key, "attempts", 1)
+            pipe.hset(key, "status", DownloadStatus.BUILDING.value)
+            attempts, _ = await pipe.execute()
+        return int(attempts)
+
+    async def finish(self, download_id: str, status: DownloadStatus, **fields: Any) -> None:
+        values = {name: value for name, value in fields.items() if value is not None}
+        await self.redis.hset(
+            keys.download(download_id), mapping={"status": status.value, "completed_at": time.time(), **values}
+        )

@@ -37,10 +37,12 @@ from services.dispatcher.verify import Refused, parse_outcomes
 from services.packager.packaging import Packager
 from shared import bounded_json, keys, tokens
 from shared.archive import JobArchive
-from shared.jobstore import Completion, ImageRecord, JobStore
 from shared.models import ImageOutcome, ImageStatus, JobStatus, RunStatus, SemiAutoJobRequest
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.stores.jobs import JobStore
+from shared.stores.records import Completion, ImageRecord
+from shared.stores.runs import RunStore
 from tests.security.conftest import KEY_A, WEBHOOK_SECRET
 from tests.stack_helpers import client, emulator, png_bytes, submit, wait_final
 
@@ -254,9 +256,9 @@ def closed_port() -> int:
 async def test_storage_down_while_checking_results_retries_the_message_and_fails_no_image(
     fresh_redis: Redis, settings: Settings, storage: Storage
 ) -> None:
-    store = JobStore(fresh_redis, settings)
+    store, runs = JobStore(fresh_redis, settings), RunStore(fresh_redis, settings)
     job = await store.create("p", one_run_job())
-    ((run_id, attempt),) = (await store.acquire_many(time.time(), time.time() + 60, 1)).runs
+    ((run_id, attempt),) = (await runs.acquire_many(time.time(), time.time() + 60, 1)).runs
     data = png_bytes(seed=6)
     for index in range(4):
         await storage.put_bytes(keys.image_object(run_id, index, attempt), data, "image/png")
@@ -266,14 +268,14 @@ async def test_storage_down_while_checking_results_retries_the_message_and_fails
     down = settings.model_copy(
         update={"s3_endpoint": f"http://127.0.0.1:{closed_port()}", "s3_retries": 0, "s3_connect_timeout_seconds": 1}
     )
-    handler = ResultHandler(store, ConfigCache(store), settings, store.complete, Storage(down))
+    handler = ResultHandler(runs, ConfigCache(store), settings, runs.complete, Storage(down))
     with pytest.raises(MaxRetryError):  # raised on: the stream consumer delivers the message again
         await handler(fields)
-    assert (await store.run(run_id)).status == RunStatus.DISPATCHED  # type: ignore[union-attr]
+    assert (await runs.run(run_id)).status == RunStatus.DISPATCHED  # type: ignore[union-attr]
     assert await fresh_redis.hlen(keys.job_images(job.id)) == 0
 
     # Delivered again once storage is back: every image checks out.
-    await ResultHandler(store, ConfigCache(store), settings, store.complete, storage)(fields)
+    await ResultHandler(runs, ConfigCache(store), settings, runs.complete, storage)(fields)
     images = await store.images(job.id)
     assert [images[index].status for index in range(4)] == [ImageStatus.SUCCEEDED] * 4
     assert (await store.get(job.id)).status == JobStatus.PACKAGING  # type: ignore[union-attr]
@@ -281,8 +283,9 @@ async def test_storage_down_while_checking_results_retries_the_message_and_fails
 
 async def packaging_job(store: JobStore, storage: Storage, images: dict[int, bytes]) -> tuple[str, str, int]:
     """A one-run job in packaging whose run reported `images` (all checked out when reported)."""
+    runs = RunStore(store.redis, store.settings)
     job = await store.create("p", one_run_job())
-    ((run_id, attempt),) = (await store.acquire_many(time.time(), time.time() + 60, 1)).runs
+    ((run_id, attempt),) = (await runs.acquire_many(time.time(), time.time() + 60, 1)).runs
     records = {}
     for index in range(4):
         if index not in images:
@@ -301,7 +304,7 @@ async def packaging_job(store: JobStore, storage: Storage, images: dict[int, byt
             output_tokens=4,
             finished_at=time.time(),
         )
-    assert await store.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, records))
+    assert await runs.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, records))
     assert (await store.get(job.id)).status == JobStatus.PACKAGING  # type: ignore[union-attr]
     return job.id, run_id, attempt
 

@@ -1,0 +1,138 @@
+"""What the stores read and write: job, image and run records as Redis holds them, and the value
+types their calls take and give. No Redis calls here."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from shared import keys
+from shared.models import ImageStatus, JobStatus, RunStatus
+
+# score = priority * scale + sequence: lower runs sooner, first in first out among equals.
+# 2**32 keeps every score within the 14 digits Lua prints exactly.
+PRIORITY_SCALE = 2**32
+
+
+class JobRecord(BaseModel):
+    id: str
+    project: str
+    mode: str
+    group: str
+    group_id: str | None = None
+    priority: int
+    seq: int = 0
+    status: JobStatus
+    images_total: int
+    runs_total: int
+    runs_started: int = 0
+    runs_done: int = 0
+    images_succeeded: int = 0
+    images_failed: int = 0
+    tokens: int = 0
+    created_at: float
+    started_at: float | None = None
+    completed_at: float | None = None
+    error: str | None = None
+    zip_key: str | None = None
+    zip_bytes: int | None = None
+    retry_of: str | None = None
+    retried_by: str | None = None
+    webhook_url: str | None = None
+
+
+# The job hash's fields a JobRecord is read from, in this order (HMGET).
+JOB_FIELDS = list(JobRecord.model_fields)
+
+
+class ImageRecord(BaseModel):
+    """The outcome of one image slot's latest attempt (stored as JSON in the job's images hash)."""
+
+    status: ImageStatus
+    attempt: int
+    object_key: str | None = None
+    mime_type: str | None = None
+    bytes: int | None = None
+    crc32: int | None = None
+    error: str | None = None
+    detail: str | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    finished_at: float
+
+
+class RunRecord(BaseModel):
+    job_id: str
+    project: str
+    attempt: int
+    status: RunStatus
+    runpod_id: str = ""
+    dispatched_at: float | None = None
+    last_error: str | None = None
+    slots: str | None = None  # redo runs only: "3,7"
+
+
+def present(raw: dict[str, Any]) -> dict[str, Any]:
+    """The fields that hold a value: Redis stores an absent one as missing or ''."""
+    return {k: v for k, v in raw.items() if v is not None and v != ""}
+
+
+def job_record(values: Sequence[str | None]) -> JobRecord | None:
+    """A JobRecord from the values of JOB_FIELDS, in order (None when the job does not exist)."""
+    if values[0] is None:
+        return None
+    fields = present(dict(zip(JOB_FIELDS, values, strict=True)))
+    if "zip_bytes" in fields and "zip_key" not in fields:
+        # Not stored: derived from the id, a value that long would cost the hash its compact encoding.
+        fields["zip_key"] = keys.zip_object(fields["id"])
+    return JobRecord.model_validate(fields)
+
+
+@dataclass(frozen=True, slots=True)
+class StartedRun:
+    """A run attempt RunPod accepted, as the id RunPod gave it."""
+
+    run_id: str
+    attempt: int
+    runpod_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A run attempt's final outcome, image by image, to store once (Lua COMPLETE_RUN)."""
+
+    run_id: str
+    attempt: int
+    status: RunStatus
+    images: dict[int, ImageRecord]
+
+    def keys(self) -> list[str]:
+        job_id, _ = keys.split_run_id(self.run_id)
+        return [keys.run(self.run_id), keys.job(job_id), keys.job_images(job_id)]
+
+    def args(self, now: float) -> list[Any]:
+        job_id, _ = keys.split_run_id(self.run_id)
+        succeeded = sum(1 for r in self.images.values() if r.status == ImageStatus.SUCCEEDED)
+        tokens = sum(r.prompt_tokens + r.output_tokens for r in self.images.values())
+        args: list[Any] = [self.run_id, job_id, self.attempt, now, self.status.value, succeeded]
+        args += [len(self.images) - succeeded, tokens]
+        for index, record in self.images.items():
+            args += [index, record.model_dump_json(exclude_none=True)]
+        return args
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    runs: list[tuple[str, int]]  # run_id, attempt
+    recorded: list[bool]  # per started run given: False if that attempt was no longer live
+
+
+@dataclass(frozen=True, slots=True)
+class QueueFigures:
+    position: int | None
+    wait_seconds: float | None
+    run_seconds: float | None
+
+
+NO_FIGURES = QueueFigures(None, None, None)

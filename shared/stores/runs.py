@@ -1,0 +1,109 @@
+"""Runs in Redis: claiming them to start, recording RunPod's ids, storing outcomes, retries and the
+in-flight index the poller watches. What the dispatcher changes on every pass."""
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from shared import keys, planning, scripts
+from shared.planning import JobConfig
+from shared.scripts import Reply, Script
+from shared.settings import Settings
+from shared.stores.records import Claims, Completion, RunRecord, StartedRun, present
+
+
+class RunStore:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+
+    async def acquire_many(self, now: float, deadline: float, limit: int, started: Sequence[StartedRun] = ()) -> Claims:
+        """Record the RunPod ids of `started`, then claim up to `limit` runs, in the order single
+        claims would take them (fewer than `limit`: no more can start now). Atomic across replicas."""
+        args = self._claim_args(now, deadline, limit, started)
+        return _claims(await scripts.RECORD_STARTED_AND_CLAIM(self.redis, [], args))
+
+    async def settle_and_claim(
+        self, completions: Sequence[Completion], now: float, deadline: float, limit: int, started: Sequence[StartedRun]
+    ) -> tuple[list[bool | Exception], Claims | Exception]:
+        """A dispatcher pass in one round trip: COMPLETE_RUN each finished run (True: recorded now,
+        not before), then acquire_many. Each part succeeds or fails on its own."""
+        calls = [(scripts.COMPLETE_RUN, completion.keys(), completion.args(now)) for completion in completions]
+        calls.append((scripts.RECORD_STARTED_AND_CLAIM, [], self._claim_args(now, deadline, limit, started)))
+        *completed, claimed = await evalsha_all(self.redis, calls)
+        outcomes = [answer if isinstance(answer, Exception) else answer.done for answer in completed]
+        return outcomes, claimed if isinstance(claimed, Exception) else _claims(claimed)
+
+    def _claim_args(self, now: float, deadline: float, limit: int, started: Sequence[StartedRun]) -> list[Any]:
+        s = self.settings
+        cap = s.max_concurrency + s.dispatch_prefetch
+        args: list[Any] = [cap, now, deadline, s.project_max_concurrency, s.dispatch_rpm, limit]
+        for run in started:
+            args += [run.run_id, run.attempt, run.runpod_id]
+        return args
+
+    async def requeue(self, run_id: str, attempt: int, ready_at: float, *, new_attempt: bool, reason: str) -> int:
+        """Schedule a run again; returns the attempt it will run as (0 if it was not live)."""
+        args = [run_id, attempt, ready_at, int(new_attempt), reason]
+        requeued = await scripts.REQUEUE_RUN(self.redis, [keys.run(run_id)], args)
+        return int(requeued.values[0]) if requeued.done else 0
+
+    async def complete(self, completion: Completion) -> bool:
+        """Store a run's final outcome once; the last run of a job moves it to packaging."""
+        return (await scripts.COMPLETE_RUN(self.redis, completion.keys(), completion.args(time.time()))).done
+
+    async def run(self, run_id: str) -> RunRecord | None:
+        raw = await self.redis.hgetall(keys.run(run_id))
+        return RunRecord.model_validate(present(raw)) if raw else None
+
+    async def run_slots(self, run_id: str, config: JobConfig) -> Sequence[int]:
+        """The image indices a run produces: planned runs by their index, redo runs as recorded."""
+        _, name = keys.split_run_id(run_id)
+        if name.isdigit():
+            return planning.run_slots(config, int(name), self.settings.run_size)
+        slots = await self.redis.hget(keys.run(run_id), "slots")
+        return [int(i) for i in (slots or "").split(",") if i]
+
+    async def overdue_runs(self, now: float, limit: int = 100) -> list[str]:
+        return list(await self.redis.zrangebyscore(keys.RUNNING, "-inf", now, start=0, num=limit))
+
+    async def release_slots(self, run_id: str, project: str) -> None:
+        """Drop a settled run's stray in-flight entries, freeing the slots it held."""
+        await scripts.RELEASE_RUN_SLOTS(self.redis, [], [run_id, project])
+
+    async def postpone(self, run_id: str, deadline: float) -> None:
+        await self.redis.zadd(keys.RUNNING, {run_id: deadline}, xx=True)
+
+
+def _claims(claimed: Reply) -> Claims:
+    runs, recorded = claimed.values
+    pairs = [(str(runs[i]), int(runs[i + 1])) for i in range(0, len(runs), 2)]
+    return Claims(pairs, [bool(flag) for flag in recorded])
+
+
+async def evalsha_all(redis: Redis, calls: Sequence[tuple[Script, list[str], list[Any]]]) -> list[Reply | Exception]:
+    """Run scripts in one pipeline by SHA; each answer is that call's Reply, or its error.
+
+    redis-py's own pipelined scripts cost a SCRIPT EXISTS round trip on every execute. Here a
+    script Redis no longer knows (it restarted, or failed over) is loaded and only the calls it
+    refused run again.
+    """
+    answers: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for _ in range(2):
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in todo:
+                script, script_keys, args = calls[i]
+                pipe.evalsha(script.sha, len(script_keys), *script_keys, *args)
+            results = await pipe.execute(raise_on_error=False)
+        for i, result in zip(todo, results, strict=True):
+            answers[i] = result
+        todo = [i for i in todo if isinstance(answers[i], NoScriptError)]
+        if not todo:
+            break
+        for script in {calls[i][0] for i in todo}:
+            await redis.script_load(script.text)
+    return [answer if isinstance(answer, Exception) else scripts.reply(answer) for answer in answers]
