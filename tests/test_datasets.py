@@ -156,6 +156,25 @@ async def test_dataset_ids_are_checked_before_they_name_a_key(api: httpx.AsyncCl
     assert await DatasetStore(redis).input_ids("project-a", dataset_id) == [upload_id(png_bytes(20, 20, seed=77))]
 
 
+async def test_a_job_naming_a_dataset_keeps_it_from_retention(api: httpx.AsyncClient, redis: Redis) -> None:
+    dataset = await post_zip(api, build_zip([("a.png", png_bytes(20, 20, seed=79))]))
+    assert dataset.status_code == 201, dataset.text
+    dataset_id = dataset.json()["id"]
+    await redis.zadd(keys.DATASETS_BY_USE, {dataset_id: 1.0})  # as if unused for decades
+    before = time.time()
+    job = await api.post("/api/jobs", json={"mode": "automatic", "base_prompt": "ink", "dataset_id": dataset_id})
+    assert job.status_code == 202, job.text
+    used_at = await redis.zscore(keys.DATASETS_BY_USE, dataset_id)
+    assert used_at is not None and used_at >= before - 1
+    # A job refused as a whole (here: over the prompt limit) leaves the dataset's last use alone.
+    await redis.zadd(keys.DATASETS_BY_USE, {dataset_id: 1.0})
+    refused = await api.post(
+        "/api/jobs", json={"mode": "automatic", "base_prompt": "x" * 100_000, "dataset_id": dataset_id}
+    )
+    assert refused.status_code == 422, refused.text
+    assert await redis.zscore(keys.DATASETS_BY_USE, dataset_id) == 1.0
+
+
 async def test_copies_in_many_files_are_reported_and_checked_once(api: httpx.AsyncClient, redis: Redis) -> None:
     good, bad = png_bytes(20, 20, seed=78), b"not an image at all"
     named = [("a.png", good), ("bad.png", bad), ("b.png", good), ("bad-again.png", bad), ("c.png", good)]
