@@ -93,16 +93,19 @@ def wait_http(url: str, process: Process | None = None, timeout: float = 30.0) -
     raise TimeoutError(f"{url} did not answer within {timeout}s\n{tail}")
 
 
-def wait_redis_ready(port: int, process: Process | None = None, timeout: float = 30.0) -> None:
+def wait_redis_ready(
+    port: int, process: Process | None = None, timeout: float = 30.0, password: str | None = None
+) -> None:
     """Until redis-server answers PING. Its port opens before it has read its AOF, and until then
     every command is refused with LOADING: a restarted Redis is not back before that."""
     deadline = time.monotonic() + timeout
+    hello = (f"AUTH {password}\r\n" if password else "").encode() + b"PING\r\n"
     while time.monotonic() < deadline:
         if process is not None and not process.alive:
             raise RuntimeError(f"{process.name} exited early:\n{process.log_tail()}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
-            conn.sendall(b"PING\r\n")
-            if conn.recv(64).startswith(b"+PONG"):
+            conn.sendall(hello)
+            if conn.recv(64).replace(b"+OK\r\n", b"", 1 if password else 0).startswith(b"+PONG"):
                 return
         time.sleep(0.05)
     raise TimeoutError(f"redis-server on port {port} was not ready within {timeout}s")
@@ -119,7 +122,15 @@ def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def start_redis(workdir: Path, port: int | None = None, appendonly: bool = False) -> tuple[Process, str]:
+def start_redis(
+    workdir: Path,
+    port: int | None = None,
+    appendonly: bool = False,
+    *,
+    name: str = "redis",
+    password: str | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> tuple[Process, str]:
     """A private redis-server (Redis >= 7) on a free port, its data in `workdir`."""
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     port = port or free_port()
@@ -137,10 +148,12 @@ def start_redis(workdir: Path, port: int | None = None, appendonly: bool = False
         "yes" if appendonly else "no",
         "--appendfsync",
         "everysec",
+        *(("--requirepass", password, "--masterauth", password) if password else ()),
+        *extra_args,
     ]
-    proc = Process("redis", args, base_env(), workdir / "redis.log").start()
-    wait_redis_ready(port, proc)
-    return proc, f"redis://127.0.0.1:{port}/0"
+    proc = Process(name, args, base_env(), workdir / f"{name}.log").start()
+    wait_redis_ready(port, proc, password=password)
+    return proc, f"redis://{f':{password}@' if password else ''}127.0.0.1:{port}/0"
 
 
 def start_s3(workdir: Path, port: int | None = None) -> tuple[Process, str]:

@@ -25,8 +25,11 @@ from deploy.processes import (
     start_s3,
     wait_http,
 )
+from deploy.redis_ha import RedisHA, start_redis_ha
 
 DEV_API_KEY = "dev-key"
+HA_PASSWORD = "local-redis-password"
+HA_SENTINEL_PASSWORD = "local-sentinel-password"
 DEV_PROJECT = "dev"
 EMULATOR_KEY = "emulator-key"
 SERVICES = ("gateway", "dispatcher", "packager")
@@ -45,6 +48,7 @@ class Stack:
     service_env: dict[str, str]
     processes: dict[str, Process] = field(default_factory=dict)
     redis_appendonly: bool = False
+    redis_ha: RedisHA | None = None  # a primary, a replica and three Sentinels, instead of one Redis
     gateway_ports: dict[int, int] = field(default_factory=dict)  # extra gateway replicas' ports
     metrics_ports: dict[str, int] = field(default_factory=dict)  # dispatcher/packager replicas
 
@@ -122,15 +126,25 @@ def start_stack(
     services: tuple[str, ...] = SERVICES,
     gateway_port: int | None = None,
     redis_appendonly: bool = False,
+    redis_ha: bool = False,
     worker_env: Mapping[str, str] | None = None,
 ) -> Stack:
     """Start the stack in `workdir`. `redis_appendonly` turns AOF on (appendfsync everysec), so
-    `Stack.restart_redis` finds the data again; `worker_env` reaches the worker handler inside the
-    RunPod emulator (e.g. GEMINI_TIMEOUT_SECONDS)."""
+    `Stack.restart_redis` finds the data again; `redis_ha` runs Redis behind Sentinel
+    (deploy/redis_ha.py, passwords on); `worker_env` reaches the worker handler inside the RunPod
+    emulator (e.g. GEMINI_TIMEOUT_SECONDS)."""
     workdir.mkdir(parents=True, exist_ok=True)
     processes: dict[str, Process] = {}
+    ha: RedisHA | None = None
+    sentinel_env: dict[str, str] = {}
     try:
-        processes["redis"], redis_url = start_redis(workdir, appendonly=redis_appendonly)
+        if redis_ha:
+            ha = start_redis_ha(workdir, password=HA_PASSWORD, sentinel_password=HA_SENTINEL_PASSWORD)
+            processes.update(ha.processes)
+            redis_url = ha.url
+            sentinel_env["BUNCH_REDIS_SENTINEL_PASSWORD"] = HA_SENTINEL_PASSWORD
+        else:
+            processes["redis"], redis_url = start_redis(workdir, appendonly=redis_appendonly)
         processes["s3"], s3_url = start_s3(workdir)
 
         gemini_port = free_port()
@@ -183,10 +197,11 @@ def start_stack(
         "BUNCH_RUNPOD_ENDPOINT_ID": "local",
         "BUNCH_WEBHOOK_SECRET": "local-webhook-secret",
         "BUNCH_ENV": "development",  # the secrets above are published: only a local stack may use them
+        **sentinel_env,
         **(service_env or {}),
     }
     stack = Stack(
-        workdir, redis_url, s3_url, gemini_url, runpod_url, gateway_url, api_keys, env, processes, redis_appendonly
+        workdir, redis_url, s3_url, gemini_url, runpod_url, gateway_url, api_keys, env, processes, redis_appendonly, ha
     )
     try:
         for name in services:
@@ -202,10 +217,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("BUNCH_DEV_PORT", "8000")))
     parser.add_argument("--runpod-workers", type=int, default=8)
     parser.add_argument("--keep", action="store_true", help="keep the data folder on exit")
+    parser.add_argument("--redis-ha", action="store_true", help="Redis as a primary, a replica and three Sentinels")
     args = parser.parse_args()
     workdir = scratch_dir("bunch-dev-")
     port = args.port if _port_free(args.port) else free_port()
-    stack = start_stack(workdir, runpod_workers=args.runpod_workers, gateway_port=port)
+    stack = start_stack(workdir, runpod_workers=args.runpod_workers, gateway_port=port, redis_ha=args.redis_ha)
     print(
         f"""
 Bunch is running (Ctrl-C stops everything).

@@ -17,8 +17,8 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from shared import keys
+from shared.redis_connection import connect
 from shared.settings import get_settings
-from shared.streams import connect
 
 # Only the streams a consumer group reads can hold poison; nothing else is re-driven to.
 _REDRIVABLE = frozenset(stream for stream, _group in keys.CONSUMED_STREAMS)

@@ -15,8 +15,10 @@ status in one place (services/gateway/errors.py).
     ├── Unauthenticated   no credentials, or unknown ones
     ├── Forbidden         credentials that do not allow this
     ├── Unavailable       a dependency is down; nothing was changed
-    └── UpstreamError     a service Bunch calls (RunPod) failed a call; `retryable` says whether
-                          trying again later may help
+    ├── UpstreamError     a service Bunch calls (RunPod) failed a call; `retryable` says whether
+    │                     trying again later may help
+    └── Misconfigured     the service's settings cannot work (a wrong password, an unknown Redis
+                          master): it stops and says why instead of retrying
 """
 
 
@@ -85,3 +87,7 @@ class UpstreamError(BunchError):
     def __init__(self, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class Misconfigured(BunchError):
+    pass

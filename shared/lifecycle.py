@@ -1,10 +1,42 @@
-"""Run a service's loops until SIGTERM or SIGINT, then let each finish what it holds."""
+"""A service process from start to end: its settings read, its loops run until SIGTERM or SIGINT,
+then each let finish what it holds."""
 
 import asyncio
 import gc
+import logging
 import signal
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+from pydantic import ValidationError
+
+from shared import logs
+from shared.errors import Misconfigured
+from shared.settings import Settings, get_settings
+
+# Its settings cannot work: restarting it will not help (a supervisor may still restart it).
+EXIT_MISCONFIGURED = 2
+
+
+def run_service(
+    name: str,
+    main: Callable[[Settings], Coroutine[Any, Any, None]],
+    runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run,
+) -> None:
+    """The entry point of a service: settings read, logs set up, `main` run. Settings that cannot
+    work end the process with one line that says what is wrong, not a traceback."""
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        print(f"{name} cannot start, its settings are invalid: {exc}", file=sys.stderr)
+        sys.exit(EXIT_MISCONFIGURED)
+    logs.configure(name, settings.log_level)
+    try:
+        runner(main(settings))
+    except Misconfigured as exc:
+        logging.getLogger(name).error("%s cannot run: %s", name, exc.message)
+        sys.exit(EXIT_MISCONFIGURED)
 
 
 async def run_until_signalled(loops: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]]) -> None:

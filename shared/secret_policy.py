@@ -8,6 +8,7 @@ for a laptop; a deployment that forgot one must not quietly run with it.
 
 from pydantic import SecretStr
 
+from shared.errors import Misconfigured
 from shared.settings import Settings
 
 # Values in Bunch's docs, examples and local stack, and the usual placeholders.
@@ -30,7 +31,7 @@ MIN_API_KEY_CHARS = 20
 MIN_S3_SECRET_CHARS = 16
 
 
-class UnsafeSecrets(RuntimeError):
+class UnsafeSecrets(Misconfigured):
     """The settings name secrets a deployment must not run with; the message lists them."""
 
 

@@ -15,7 +15,18 @@ class Settings(BaseSettings):
     env: Literal["development", "production"] = "production"
 
     # --- Redis and object storage (the state of record) ---
+    # redis://, rediss:// (TLS), unix://, or a primary watched by Sentinel:
+    # redis+sentinel://[[user]:password@]host1:26379,host2:26379/<master-name>[/<db>] (rediss+sentinel://
+    # for TLS to the Sentinels and the primary). The password is the primary's (shared/redis_connection.py).
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("BUNCH_REDIS_URL", "REDIS_URL"))
+    # The Sentinels' own password (their `requirepass`), when they have one.
+    redis_sentinel_password: SecretStr = SecretStr("")
+    # CA bundle that signs the certificates of Redis and Sentinel, for rediss:// URLs (default: the system's).
+    redis_tls_ca_file: str | None = None
+    # Replicas each run's claim and outcome waits for (Redis WAIT) before the dispatcher acts on it,
+    # at most redis_wait_timeout_ms: 0 does not wait (replication stays asynchronous).
+    redis_wait_replicas: int = Field(0, ge=0)
+    redis_wait_timeout_ms: int = Field(100, ge=1)
     s3_endpoint: str = Field("http://127.0.0.1:9000", validation_alias=AliasChoices("BUNCH_S3_ENDPOINT", "S3_ENDPOINT"))
     # Links handed to clients and RunPod workers are signed for this host; it differs from
     # s3_endpoint when services reach MinIO on an internal name (compose, k8s).

@@ -1,4 +1,4 @@
-"""Redis connections and the consumer-group loop every service runs.
+"""The consumer-group loop every service runs.
 
 Each message is handled at least once: it is acknowledged only after its handler returned, and
 messages left pending by a consumer that died are claimed by another one (XAUTOCLAIM). Handlers
@@ -13,8 +13,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -26,34 +25,6 @@ log = logging.getLogger(__name__)
 
 Fields = dict[str, str]
 Handler = Callable[[Fields], Coroutine[Any, Any, None]]
-
-
-class _Pool(ConnectionPool):
-    """redis-py 5's pool checks a connection for stray data while holding the pool's lock, and that
-    check waits for one turn of the event loop: under many concurrent commands (a gateway at 200
-    requests in flight) every checkout queues behind the previous one. The check runs here after
-    the lock is released, as redis-py 6 and later do; the connection is already this caller's."""
-
-    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> AbstractConnection:
-        async with self._lock:
-            connection = self.get_available_connection()
-        try:
-            await self.ensure_connection(connection)
-        except BaseException:
-            await self.release(connection)
-            raise
-        return connection
-
-
-def connect(settings: Settings) -> Redis:
-    pool = _Pool.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        health_check_interval=15,
-        socket_keepalive=True,
-        retry_on_timeout=True,
-    )
-    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
 
 
 def consumer_name(settings: Settings, service: str) -> str:

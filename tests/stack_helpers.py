@@ -16,6 +16,8 @@ from redis.asyncio import Redis
 
 from deploy.processes import scratch_dir
 from deploy.stack import Stack, start_stack
+from shared.redis_connection import connect
+from shared.settings import Settings
 
 
 def png_bytes(width: int = 64, height: int = 64, seed: int = 0, noise: bool = False) -> bytes:
@@ -96,7 +98,9 @@ def running_stack(prefix: str, **options: Any) -> Iterator[Stack]:
 
 @contextlib.asynccontextmanager
 async def redis_of(stack: Stack) -> AsyncIterator[Redis]:
-    redis = Redis.from_url(stack.redis_url, decode_responses=True)
+    # Through Sentinel too, when the stack runs Redis that way.
+    password = stack.service_env.get("BUNCH_REDIS_SENTINEL_PASSWORD", "")
+    redis = connect(Settings(redis_url=stack.redis_url, redis_sentinel_password=password))
     try:
         yield redis
     finally:

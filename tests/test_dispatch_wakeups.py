@@ -24,11 +24,11 @@ from services.dispatcher.runpod_client import RunPodClient
 from services.dispatcher.wakeups import JobWakeups
 from shared import keys
 from shared.models import SemiAutoJobRequest
+from shared.redis_connection import connect
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.stores.jobs import JobStore
 from shared.stores.runs import RunStore
-from shared.streams import connect
 
 API_KEY = "wakeups-test-key"
 IDLE_WAIT = 30.0  # the dispatcher's poll: far longer than any bound below

@@ -11,20 +11,21 @@ from services.dispatcher.poller import Poller
 from services.dispatcher.results import ResultHandler
 from services.dispatcher.runpod_client import RunPodClient
 from services.dispatcher.wakeups import JobWakeups
-from shared import keys, logs, metrics
-from shared.lifecycle import run_until_signalled, settle_garbage_collector
+from shared import keys, metrics
+from shared.lifecycle import run_service, run_until_signalled, settle_garbage_collector
+from shared.redis_connection import connect, wait_until_usable
 from shared.secret_policy import refuse_unsafe_secrets
-from shared.settings import get_settings
+from shared.settings import Settings
 from shared.storage import Storage
 from shared.stores.jobs import JobStore
 from shared.stores.runs import RunStore
-from shared.streams import StreamConsumer, connect, consumer_name
+from shared.streams import StreamConsumer, consumer_name
 
 
-async def main() -> None:
-    settings = get_settings()
+async def main(settings: Settings) -> None:
     refuse_unsafe_secrets(settings)
     redis = connect(settings)
+    await wait_until_usable(redis)
     store = JobStore(redis, settings)
     runs = RunStore(redis, settings)
     await store.set_weights(settings.weight_by_project())
@@ -74,5 +75,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    logs.configure("dispatcher", get_settings().log_level)
-    uvloop.run(main())
+    run_service("dispatcher", main, uvloop.run)

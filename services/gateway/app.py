@@ -14,10 +14,10 @@ from services.gateway.request_metrics import RequestMetrics
 from services.gateway.routes import datasets, downloads, events, groups, jobs, operations, queue, uploads, webhooks
 from services.gateway.security_headers import SecurityHeaders
 from shared.lifecycle import settle_garbage_collector
+from shared.redis_connection import connect
 from shared.secret_policy import refuse_unsafe_secrets
 from shared.settings import Settings, get_settings
 from shared.storage import Storage
-from shared.streams import connect
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

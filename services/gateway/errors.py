@@ -33,6 +33,7 @@ STATUS_BY_KIND: dict[type[errors.BunchError], int] = {
     errors.Unauthenticated: 401,
     errors.Forbidden: 403,
     errors.Unavailable: 503,
+    errors.Misconfigured: 500,
 }
 
 _PARAM = re.compile(r"\{[^/{}]+\}")

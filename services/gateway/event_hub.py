@@ -35,8 +35,8 @@ from redis.exceptions import RedisError
 from shared import keys
 from shared.errors import OverQuota
 from shared.models import FINAL_JOB_STATUSES
+from shared.redis_connection import connect
 from shared.settings import Settings
-from shared.streams import connect
 
 log = logging.getLogger(__name__)
 

@@ -4,27 +4,27 @@ Loops until SIGTERM: job ZIPs (PACKAGING_STREAM), group downloads (DOWNLOADS_STR
 webhooks (NOTIFICATIONS_STREAM), and the retention schedule (an in-process arq worker).
 """
 
-import asyncio
 from functools import partial
 
 from services.packager.downloads import DownloadBuilder
 from services.packager.notifier import run_notifier
 from services.packager.packaging import Packager
 from services.packager.retention import RetentionSchedule
-from shared import keys, logs, metrics
+from shared import keys, metrics
 from shared.archive import JobArchive
-from shared.lifecycle import run_until_signalled
+from shared.lifecycle import run_service, run_until_signalled
+from shared.redis_connection import connect, wait_until_usable
 from shared.secret_policy import refuse_unsafe_secrets
-from shared.settings import get_settings
+from shared.settings import Settings
 from shared.storage import Storage
 from shared.stores.jobs import JobStore
-from shared.streams import StreamConsumer, connect, consumer_name
+from shared.streams import StreamConsumer, consumer_name
 
 
-async def main() -> None:
-    settings = get_settings()
+async def main(settings: Settings) -> None:
     refuse_unsafe_secrets(settings)
     redis = connect(settings)
+    await wait_until_usable(redis)
     storage = Storage(settings)
     await storage.ensure_bucket()
     store = JobStore(redis, settings, JobArchive(storage))
@@ -60,5 +60,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    logs.configure("packager", get_settings().log_level)
-    asyncio.run(main())
+    run_service("packager", main)

@@ -15,7 +15,7 @@ from datetime import UTC
 from enum import Enum
 from typing import Any
 
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis
 from arq.cron import cron
 from arq.worker import Worker
 from minio.deleteobjects import DeleteObject
@@ -26,6 +26,7 @@ from redis.exceptions import WatchError
 from services.packager.upload_retention import purge_unused_datasets, purge_unused_uploads
 from shared import keys
 from shared.models import FINAL_STATUS_VALUES
+from shared.redis_connection import connect
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.stores.records import ImageRecord
@@ -227,7 +228,9 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         ],
         "queue_name": keys.ARQ_QUEUE,
         "health_check_key": f"{keys.ARQ_QUEUE}:health-check",
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        # Its own client (arq reads bytes), reaching the primary as every other one does: through
+        # Sentinel when BUNCH_REDIS_URL names it (arq's own RedisSettings cannot take that URL).
+        "redis_pool": connect(settings, client_class=ArqRedis, decode_responses=False),
         "timezone": UTC,
         "keep_result": 24 * 3600,
         # Only a daily cron job runs here: no need to ask Redis for work twice a second.

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from services.gateway.auth import bearer_token
 from services.gateway.deps import ServicesDep
 from services.gateway.schemas.operations import Liveness, Readiness
-from shared import metrics
+from shared import metrics, redis_connection
 from shared.errors import Forbidden, Unauthenticated
 from shared.redis_memory import read_memory
 
@@ -27,12 +27,13 @@ async def healthz() -> Liveness:
     responses={503: {"model": Readiness, "description": "Redis or object storage is unreachable"}},
 )
 async def readyz(services: ServicesDep) -> JSONResponse:
-    fraction = None
+    fraction, problem = None, None
     try:
         redis_ok = bool(await services.redis.ping())
         fraction = (await read_memory(services.redis)).fraction
     except Exception:
         redis_ok = False
+        problem = await redis_connection.explain(services.redis)
     storage_ok = await services.storage.ping()
     settings = services.settings
     ready = redis_ok and storage_ok
@@ -40,6 +41,7 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     body = Readiness(
         status="ready" if ready else "unavailable",
         redis=redis_ok,
+        redis_problem=problem,
         storage=storage_ok,
         redis_memory_fraction=None if fraction is None else round(fraction, 4),
         redis_memory_pressure=pressure,

@@ -10,6 +10,8 @@ class Liveness(BaseModel):
 class Readiness(BaseModel):
     status: str  # "ready" or "unavailable"
     redis: bool
+    # Why Redis is not usable, when it is not: unreachable, a wrong password, an unknown master.
+    redis_problem: str | None = None
     storage: bool
     # Redis's used memory over its maxmemory (None: no limit set, or unreachable), and whether it is
     # past the point where new jobs are refused: still ready, for every other request.
