@@ -34,7 +34,7 @@ from shared.models import ImageStatus, JobStatus, RunStatus, SemiAutoJobRequest
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.stores.jobs import JobStore
-from shared.stores.records import Completion, ImageRecord
+from shared.stores.records import ClaimedRun, Completion, ImageRecord
 from shared.stores.runs import RunStore
 
 BENCH = "memory"
@@ -60,12 +60,12 @@ async def used_memory(redis: Redis) -> int:
     return int(info["used_memory"]) - int(info["mem_clients_normal"]) - int(events)
 
 
-def image_records(run_id: str, attempt: int, slots: list[int]) -> dict[int, ImageRecord]:
+def image_records(run_id: str, attempt: int, claim: str, slots: list[int]) -> dict[int, ImageRecord]:
     return {
         index: ImageRecord(
             status=ImageStatus.SUCCEEDED,
             attempt=attempt,
-            object_key=keys.image_object(run_id, index, attempt),
+            object_key=keys.image_object(run_id, index, attempt, claim),
             mime_type="image/png",
             bytes=1_400_000 + index,
             crc32=zlib.crc32(run_id.encode()) + index,
@@ -80,17 +80,17 @@ def image_records(run_id: str, attempt: int, slots: list[int]) -> dict[int, Imag
 async def finish_jobs(store: JobStore, runs: RunStore, count: int) -> None:
     """`count` jobs created, run, completed and archived as the services would."""
     jobs = await asyncio.gather(*(store.create("bench", CONFIG, group_name=CONFIG.group) for _ in range(count)))
-    claims: list[tuple[str, int]] = []
+    claims: list[ClaimedRun] = []
     while claimed := (await runs.acquire_many(time.time(), time.time() + 600, 16)).runs:
         claims += claimed
     assert len(claims) == sum(job.runs_total for job in jobs), len(claims)
 
-    async def complete(run_id: str, attempt: int) -> None:
+    async def complete(run_id: str, attempt: int, claim: str) -> None:
         slots = list(await runs.run_slots(run_id, CONFIG))
-        records = image_records(run_id, attempt, slots)
-        assert await runs.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, records))
+        records = image_records(run_id, attempt, claim, slots)
+        assert await runs.complete(Completion(run_id, attempt, claim, RunStatus.SUCCEEDED, records))
 
-    await asyncio.gather(*(complete(run_id, attempt) for run_id, attempt in claims))
+    await asyncio.gather(*(complete(*run) for run in claims))
 
     async def package(job_id: str) -> None:
         assert await store.transition(job_id, JobStatus.PACKAGING, JobStatus.COMPLETED, zip_bytes=1_000_000)

@@ -38,7 +38,7 @@ from shared import keys
 from shared.models import ImageStatus, RunStatus, SemiAutoJobRequest
 from shared.settings import Settings
 from shared.stores.jobs import JobStore
-from shared.stores.records import Completion, ImageRecord
+from shared.stores.records import ClaimedRun, Completion, ImageRecord
 from shared.stores.runs import RunStore
 
 BENCH = "tenants"
@@ -112,7 +112,7 @@ class Tenants:
         self.jobs: dict[str, tuple[str, int, int]] = {}  # job id -> project, priority, runs_total
         self.waiting: dict[str, dict[str, tuple[int, int]]] = {}  # project -> job id -> (priority, seq), none started
         self.started: dict[str, int] = {}  # job id -> runs claimed
-        self.in_flight: deque[tuple[str, int]] = deque()
+        self.in_flight: deque[ClaimedRun] = deque()
         self.n = 0
 
     async def create(self, project: str, priority: int | None = None) -> None:
@@ -131,8 +131,9 @@ class Tenants:
         claims = await self.runs.acquire_many(now, now + 600, limit)
         if len(claims.runs) < limit:
             raise RuntimeError(f"{self.shape.label}: {len(claims.runs)} of {limit} claimed with slots free")
-        for run_id, attempt in claims.runs:
-            self.in_flight.append((run_id, attempt))
+        for run in claims.runs:
+            run_id = run.run_id
+            self.in_flight.append(run)
             job_id, _ = keys.split_run_id(run_id)
             self.waiting[self.jobs[job_id][0]].pop(job_id, None)
             self.started[job_id] = self.started.get(job_id, 0) + 1
@@ -141,14 +142,15 @@ class Tenants:
     async def settle(self) -> None:
         """Complete the oldest runs down to CAP - WINDOW in flight; replace jobs that left the queue."""
         done = [self.in_flight.popleft() for _ in range(max(0, len(self.in_flight) - (CAP - WINDOW)))]
-        await chunked(self.complete(run_id, attempt) for run_id, attempt in done)
+        await chunked(self.complete(run) for run in done)
         left = [job_id for job_id, n in self.started.items() if n >= self.jobs[job_id][2]]
         for job_id in left:
             del self.started[job_id]
         # Same project and priority: the mix of priorities ahead of every job stays as it was.
         await chunked(self.create(*self.jobs[job_id][:2]) for job_id in left)
 
-    async def complete(self, run_id: str, attempt: int) -> None:
+    async def complete(self, run: ClaimedRun) -> None:
+        run_id, attempt, claim = run
         job_id, _ = keys.split_run_id(run_id)
         now = time.time()
         slots = await self.runs.run_slots(run_id, CONFIGS[self.jobs[job_id][1]])
@@ -163,7 +165,7 @@ class Tenants:
             )
             for i in slots
         }
-        if not await self.runs.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, images)):
+        if not await self.runs.complete(Completion(run_id, attempt, claim, RunStatus.SUCCEEDED, images)):
             raise RuntimeError(f"run {run_id} attempt {attempt} was not live")
 
     def status_sample(self, reads: int, rng: random.Random) -> list[tuple[str, str]]:
@@ -197,7 +199,7 @@ async def prepare(url: str, shape: Shape) -> Side:
     print(f"  {shape.label}: {len(queue.jobs)} jobs queued in {time.monotonic() - started:.1f} s", flush=True)
     # Scripts loaded, and a run time on record, so status reads take their full path.
     await queue.claim(1)
-    await queue.complete(*queue.in_flight.popleft())
+    await queue.complete(queue.in_flight.popleft())
     await queue.status(*queue.status_sample(1, random.Random(0))[0])
     return Side(shape, redis, queue)
 

@@ -173,10 +173,11 @@ def upload_object(upload_id: str) -> str:
     return f"uploads/{upload_id}"
 
 
-def image_object(run_id: str, index: int, attempt: int) -> str:
-    # One object per run and attempt: a late duplicate execution never overwrites a newer result.
+def image_object(run_id: str, index: int, attempt: int, claim: str) -> str:
+    # One object per claim of a run: a late duplicate execution (an older attempt, or one whose
+    # claim Redis lost in a crash or failover) never overwrites the result that counts.
     job_id, run_name = split_run_id(run_id)
-    return f"jobs/{job_id}/images/{index:06d}-{run_name}-a{attempt}"
+    return f"jobs/{job_id}/images/{index:06d}-{run_name}-a{attempt}" + (f"-{claim}" if claim else "")
 
 
 def archive_object(job_id: str) -> str:

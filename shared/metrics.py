@@ -32,6 +32,10 @@ DISPATCH_LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 RUNS_STARTED = Counter("bunch_runs_started_total", "Runs RunPod accepted")
+UNREPLICATED_WRITES = Counter(
+    "bunch_redis_unreplicated_writes_total",
+    "Claim and outcome writes no replica confirmed within BUNCH_REDIS_WAIT_TIMEOUT_MS (WAIT)",
+)
 RUNPOD_ERRORS = Counter("bunch_runpod_errors_total", "RunPod failures by kind", ["kind"])
 GEMINI_ERRORS = Counter("bunch_gemini_errors_total", "Images that failed at Gemini, by reason", ["kind"])
 IMAGES = Counter("bunch_images_total", "Image outcomes recorded", ["status"])

@@ -13,12 +13,12 @@ from shared import keys
 RESULT_FIELDS = ("id", "status", "output", "error", "delayTime", "executionTime")
 
 
-def task_result(run_id: str, attempt: int, body: dict[str, Any], source: str) -> dict[str, str]:
-    """What RunPod said about one attempt of a run (from its webhook or from /status)."""
+def task_result(run_id: str, attempt: int, claim: str, body: dict[str, Any], source: str) -> dict[str, str]:
+    """What RunPod said about one claim of a run (from its webhook or from /status)."""
     kept = {name: body[name] for name in RESULT_FIELDS if name in body}
-    return {"run_id": run_id, "attempt": str(attempt), "body": json.dumps(kept), "source": source}
+    return {"run_id": run_id, "attempt": str(attempt), "claim": claim, "body": json.dumps(kept), "source": source}
 
 
-async def publish(redis: Redis, run_id: str, attempt: int, body: dict[str, Any], source: str) -> None:
-    """Hand RunPod's word on one attempt to the dispatchers (keys.TASK_RESULTS_STREAM)."""
-    await redis.xadd(keys.TASK_RESULTS_STREAM, task_result(run_id, attempt, body, source))
+async def publish(redis: Redis, run_id: str, attempt: int, claim: str, body: dict[str, Any], source: str) -> None:
+    """Hand RunPod's word on one claim of a run to the dispatchers (keys.TASK_RESULTS_STREAM)."""
+    await redis.xadd(keys.TASK_RESULTS_STREAM, task_result(run_id, attempt, claim, body, source))

@@ -105,13 +105,13 @@ async def finished_job(store: JobStore, images: int = 8) -> str:
     runs = RunStore(store.redis, store.settings)
     job = await store.create("p", SemiAutoJobRequest(mode="semi_auto", prompts=["p"], images_per_prompt=images))
     claims = await runs.acquire_many(1000.0, 1030.0, 16)
-    for run_id, attempt in claims.runs:
+    for run_id, attempt, claim in claims.runs:
         slots = await runs.run_slots(run_id, await store.config(job.id))
         records = {
             i: ImageRecord(status=ImageStatus.SUCCEEDED, attempt=attempt, object_key=f"k{i}", finished_at=1001.0)
             for i in slots
         }
-        assert await runs.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, records))
+        assert await runs.complete(Completion(run_id, attempt, claim, RunStatus.SUCCEEDED, records))
     assert await store.transition(job.id, JobStatus.PACKAGING, JobStatus.COMPLETED, zip_key="z", zip_bytes=1)
     return job.id
 

@@ -253,7 +253,7 @@ async def test_a_batch_claim_takes_what_single_claims_would(fresh_redis: Redis, 
             while True:  # as the dispatcher does: claim until a claim comes back short
                 batch = (await runs.acquire_many(now, now + 30, limit)).runs
                 assert len(batch) <= limit
-                taken += [f"{name[run_id.split('.')[0]]}:{run_id.split('.')[1]}" for run_id, _ in batch]
+                taken += [f"{name[run_id.split('.')[0]]}:{run_id.split('.')[1]}" for run_id, _, _ in batch]
                 if len(batch) < limit:
                     break
         return taken
@@ -273,23 +273,34 @@ async def test_a_batch_claim_stops_at_the_cap(fresh_redis: Redis, settings: Sett
     assert (len(first), len(second)) == (4, 2)
     assert (await runs.acquire_many(1000.0, 1030.0, 4)).runs == []
     assert await fresh_redis.zcard(keys.RUNNING) == 6
-    assert len({run_id for run_id, _ in first + second}) == 6
+    assert len({run.run_id for run in first + second}) == 6
+    assert len({run.claim for run in first + second}) == 6  # every claim has a name of its own
 
 
 async def test_the_claim_call_records_runpod_ids_of_live_attempts_only(fresh_redis: Redis, settings: Settings) -> None:
     runs = runs_with(fresh_redis, settings, max_concurrency=3)
     await store_with(fresh_redis, settings).create("p", job(400))
-    (live, attempt), (stale, _), (gone, _) = (await runs.acquire_many(1000.0, 1030.0, 3)).runs
-    assert await runs.requeue(stale, 1, 1000.0, new_attempt=True, reason="retried meanwhile") == 2
+    (live, attempt, live_claim), (stale, _, stale_claim), (gone, _, gone_claim) = (
+        await runs.acquire_many(1000.0, 1030.0, 3)
+    ).runs
+    assert await runs.requeue(stale, 1, stale_claim, 1000.0, new_attempt=True, reason="retried meanwhile") == 2
     await fresh_redis.hset(keys.run(gone), "status", "canceled")
-    started = [StartedRun(live, attempt, "rp-live"), StartedRun(stale, 1, "rp-stale"), StartedRun(gone, 1, "rp-gone")]
+    started = [
+        StartedRun(live, attempt, live_claim, "rp-live"),
+        StartedRun(stale, 1, stale_claim, "rp-stale"),
+        StartedRun(gone, 1, gone_claim, "rp-gone"),
+    ]
     claims = await runs.acquire_many(1001.0, 1031.0, 4, started)
     assert claims.recorded == [True, False, False]
-    assert [run_id for run_id, _ in claims.runs] == [stale]  # the retry, then the cap (3) is full
+    assert [run.run_id for run in claims.runs] == [stale]  # the retry, then the cap (3) is full
+    new_claim = claims.runs[0].claim
     assert await fresh_redis.hget(keys.run(live), "runpod_id") == "rp-live"
     assert await fresh_redis.hget(keys.run(stale), "runpod_id") == ""
     assert await fresh_redis.hget(keys.run(gone), "runpod_id") == ""
-    assert (await runs.acquire_many(1002.0, 1032.0, 0, [StartedRun(stale, 2, "rp-2")])).recorded == [True]
+    # An id reported under the right attempt but another claim (one Redis lost) is not recorded.
+    lost = StartedRun(stale, 2, "0123456789a", "rp-lost")
+    assert (await runs.acquire_many(1002.0, 1032.0, 0, [lost])).recorded == [False]
+    assert (await runs.acquire_many(1002.0, 1032.0, 0, [StartedRun(stale, 2, new_claim, "rp-2")])).recorded == [True]
     assert await fresh_redis.hget(keys.run(stale), "runpod_id") == "rp-2"
 
 
@@ -298,15 +309,16 @@ async def test_a_pass_stores_outcomes_and_claims_in_one_call_even_after_a_script
 ) -> None:
     runs = runs_with(fresh_redis, settings, max_concurrency=2)
     created = await store_with(fresh_redis, settings).create("p", job(12))  # 3 runs
-    (first, _), (second, _) = (await runs.acquire_many(1000.0, 1030.0, 4)).runs
+    first, second = (await runs.acquire_many(1000.0, 1030.0, 4)).runs
     await fresh_redis.script_flush()  # as after a Redis restart: the scripts must be loaded again
     image = ImageRecord(status=ImageStatus.SUCCEEDED, attempt=1, object_key="k", bytes=3, finished_at=1001.0)
-    outcome = Completion(first, 1, RunStatus.SUCCEEDED, {0: image})
-    stored, claims = await runs.settle_and_claim([outcome, outcome], 1001.0, 1031.0, 4, [StartedRun(second, 1, "rp")])
+    outcome = Completion(first.run_id, 1, first.claim, RunStatus.SUCCEEDED, {0: image})
+    started = [StartedRun(second.run_id, 1, second.claim, "rp")]
+    stored, claims = await runs.settle_and_claim([outcome, outcome], 1001.0, 1031.0, 4, started)
     assert stored == [True, False]  # the same outcome delivered twice is stored once
     assert not isinstance(claims, Exception)
     assert claims.recorded == [True]
-    assert [run_id for run_id, _ in claims.runs] == [f"{created.id}.2"]  # the freed slot, refilled
+    assert [run.run_id for run in claims.runs] == [f"{created.id}.2"]  # the freed slot, refilled
     assert ImageRecord.model_validate_json(await fresh_redis.hget(keys.job_images(created.id), "0")) == image
     assert await fresh_redis.hget(keys.job(created.id), "runs_done") == "1"
 
@@ -316,11 +328,12 @@ async def test_a_run_whose_outcome_beat_its_start_answer_keeps_its_runpod_id(
 ) -> None:
     runs = runs_with(fresh_redis, settings, max_concurrency=1)
     await store_with(fresh_redis, settings).create("p", job(4))
-    ((run_id, attempt),) = (await runs.acquire_many(1000.0, 1030.0, 4)).runs
+    ((run_id, attempt, claim),) = (await runs.acquire_many(1000.0, 1030.0, 4)).runs
     image = ImageRecord(status=ImageStatus.SUCCEEDED, attempt=1, object_key="k", finished_at=1001.0)
-    assert await runs.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, {0: image}))
+    assert await runs.complete(Completion(run_id, attempt, claim, RunStatus.SUCCEEDED, {0: image}))
     # The webhook came (and was stored) before /run's answer reached the dispatcher.
-    assert (await runs.acquire_many(1002.0, 1032.0, 0, [StartedRun(run_id, attempt, "rp-fast")])).recorded == [True]
+    fast = StartedRun(run_id, attempt, claim, "rp-fast")
+    assert (await runs.acquire_many(1002.0, 1032.0, 0, [fast])).recorded == [True]
     assert await fresh_redis.hget(keys.run(run_id), "runpod_id") == "rp-fast"
 
 

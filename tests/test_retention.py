@@ -61,7 +61,7 @@ async def seed_job(redis: Redis, storage: Storage, *, status: str, created: floa
     job_id, group_id = uuid.uuid4().hex, uuid.uuid4().hex
     images = {}
     for index in range(2):
-        key = keys.image_object(keys.run_id(job_id, 0), index, 1)
+        key = keys.image_object(keys.run_id(job_id, 0), index, 1, "c0ffee00")
         await storage.put_bytes(key, b"png bytes", "image/png")
         images[str(index)] = json.dumps(
             {"status": "succeeded", "attempt": 1, "object_key": key, "finished_at": completed or created}
@@ -140,7 +140,7 @@ async def test_an_interrupted_purge_is_finished_and_old_downloads_go(
 ) -> None:
     # As left by a packager killed between deleting a job's records and its objects.
     job_id = uuid.uuid4().hex
-    leftover = keys.image_object(keys.run_id(job_id, 0), 0, 1)
+    leftover = keys.image_object(keys.run_id(job_id, 0), 0, 1, "c0ffee00")
     await storage.put_bytes(leftover, b"x", "image/png")
     await redis.sadd(keys.PURGING, job_id)
 

@@ -38,11 +38,12 @@ async def test_scripts_called_alone_or_pipelined_answer_alike(fresh_redis: Redis
     await fresh_redis.script_flush()  # the pipelined helper loads what Redis forgot
     stale = (scripts.TRANSITION_JOB, [keys.job("j")], ["j", "queued", "processing", 1])
     calls = [(scripts.SET_PAUSED, project_keys, ["p", 0]), stale]
-    resumed, refused = await evalsha_all(fresh_redis, calls)
+    (resumed, refused), confirmed = await evalsha_all(fresh_redis, calls)
+    assert confirmed is None  # no WAIT asked for
     assert alone == resumed == Reply(Answer.DONE, ())
     assert refused == Reply(Answer.REFUSED, ())
     # An error stays an error, in its place; the other calls still answer.
     broken = [(scripts.SET_PAUSED, project_keys, ["p", 0]), (scripts.REQUEUE_RUN, [], [])]
-    answers = await evalsha_all(fresh_redis, broken)
+    answers, _ = await evalsha_all(fresh_redis, broken)
     assert answers[0] == Reply(Answer.DONE, ()) and isinstance(answers[1], Exception)
-    assert await RunStore(fresh_redis, settings).requeue("j.0", 1, 0.0, new_attempt=True, reason="x") == 0
+    assert await RunStore(fresh_redis, settings).requeue("j.0", 1, "c0ffee00", 0.0, new_attempt=True, reason="x") == 0

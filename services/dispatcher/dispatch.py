@@ -13,9 +13,10 @@ from services.dispatcher.payloads import build_run_input, policy, webhook_url
 from services.dispatcher.runpod_client import RunPodClient, RunPodError
 from shared import keys, metrics
 from shared.models import ImageStatus, RunStatus
+from shared.redis_connection import REDIS_DOWN
 from shared.settings import Settings
 from shared.storage import Storage
-from shared.stores.records import Claims, Completion, ImageRecord, StartedRun
+from shared.stores.records import ClaimedRun, Claims, Completion, ImageRecord, StartedRun
 from shared.stores.runs import RunStore
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class Dispatcher:
             self.wakeup.clear()
             try:
                 await self.start_available()
+            except REDIS_DOWN as exc:  # a restart or a failover: the next pass finds it again
+                log.warning("dispatch pass: redis unavailable (%s); retrying", exc)
+                await asyncio.sleep(1.0)
             except Exception:
                 log.exception("dispatch pass failed")
                 await asyncio.sleep(1.0)
@@ -89,7 +93,7 @@ class Dispatcher:
         while len(await self._pass(limit=CLAIM_BATCH)) == CLAIM_BATCH:
             continue
 
-    async def _pass(self, limit: int) -> list[tuple[str, int]]:
+    async def _pass(self, limit: int) -> list[ClaimedRun]:
         """Store the outcomes handed over, record the RunPod ids of runs started since the last
         pass, claim up to `limit` runs and start them: one Redis round trip."""
         completions, self._completions = self._completions, []
@@ -129,20 +133,22 @@ class Dispatcher:
             task.add_done_callback(self._starting.discard)
         return claims.runs
 
-    async def start(self, run_id: str, attempt: int) -> None:
+    async def start(self, run_id: str, attempt: int, claim: str) -> None:
         job_id, _ = keys.split_run_id(run_id)
         ids = {"job_id": job_id, "run_id": run_id, "attempt": attempt}
         claimed = time.monotonic()
         try:
             config = await self.configs.get(job_id)
             slots = await self.runs.run_slots(run_id, config)
-            run_input = build_run_input(config, run_id, slots, attempt, self.storage, self.settings)
+            run_input = build_run_input(config, run_id, slots, attempt, claim, self.storage, self.settings)
             runpod_id = await self.runpod.run(
-                run_input.model_dump(mode="json"), webhook_url(run_id, attempt, self.settings), policy(self.settings)
+                run_input.model_dump(mode="json"),
+                webhook_url(run_id, attempt, claim, self.settings),
+                policy(self.settings),
             )
         except RunPodError as exc:
             metrics.RUNPOD_ERRORS.labels(f"run_{exc.status or 'unreachable'}").inc()
-            await self._not_started(run_id, attempt, slots, exc)
+            await self._not_started(ClaimedRun(run_id, attempt, claim), slots, exc)
             return
         except Exception:
             # Redis trouble: the run stays claimed and the poller requeues it once overdue.
@@ -153,7 +159,7 @@ class Dispatcher:
         # Recorded by the next pass, which the next run outcome brings when runs are many; a pass
         # of its own for each would double the round trips per run. When runs are few, a pass
         # comes after STARTED_RECORD_DELAY: the gateway checks webhook bodies against this id.
-        self._started.append(StartedRun(run_id, attempt, runpod_id))
+        self._started.append(StartedRun(run_id, attempt, claim, runpod_id))
         asyncio.get_running_loop().call_later(STARTED_RECORD_DELAY, self._record_started_soon)
 
     def _record_started_soon(self) -> None:
@@ -167,11 +173,16 @@ class Dispatcher:
                 log.debug("run %s attempt %s started as %s", run.run_id, run.attempt, run.runpod_id, extra=ids)
                 continue
             current = await self.runs.run(run.run_id)
-            if current is None or current.status == RunStatus.CANCELED or current.attempt != run.attempt:
+            if (
+                current is None
+                or current.status == RunStatus.CANCELED
+                or (current.attempt, current.claim) != (run.attempt, run.claim)
+            ):
                 # Canceled while /run was on the wire (and maybe archived with its job since: its
                 # record is gone), or given up on meanwhile (its start took longer than the webhook
-                # grace, so the poller started it again as a new attempt): this execution can no
-                # longer count, so stop it on RunPod instead of paying for it.
+                # grace, so the poller started it again as a new attempt), or its claim was lost
+                # with Redis's last writes and made again: this execution can no longer count, so
+                # stop it on RunPod instead of paying for it.
                 log.warning("run %s is no longer live; canceling %s", run.run_id, run.runpod_id, extra=ids)
                 await self.cancel_on_runpod([run.runpod_id])
 
@@ -186,13 +197,14 @@ class Dispatcher:
         if fields.get("action") == "cancel":
             await self.cancel_on_runpod(json.loads(fields.get("runpod_ids") or "[]"))
 
-    async def _not_started(self, run_id: str, attempt: int, slots: Sequence[int], exc: RunPodError) -> None:
+    async def _not_started(self, run: ClaimedRun, slots: Sequence[int], exc: RunPodError) -> None:
+        run_id, attempt, claim = run
         ids = {"job_id": keys.split_run_id(run_id)[0], "run_id": run_id, "attempt": attempt}
         if exc.retryable:
             delay = backoff_delay(attempt, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
             log.warning("RunPod did not take run %s (%s); trying again in %.1fs", run_id, exc, delay, extra=ids)
             # The same attempt: it never started, so nothing of it can arrive later.
-            await self.runs.requeue(run_id, attempt, time.time() + delay, new_attempt=False, reason=str(exc))
+            await self.runs.requeue(run_id, attempt, claim, time.time() + delay, new_attempt=False, reason=str(exc))
             return
         log.error("RunPod refused run %s: %s", run_id, exc, extra=ids)
         now = time.time()
@@ -206,4 +218,4 @@ class Dispatcher:
             )
             for index in slots
         }
-        await self.runs.complete(Completion(run_id, attempt, RunStatus.FAILED, records))
+        await self.runs.complete(Completion(run_id, attempt, claim, RunStatus.FAILED, records))

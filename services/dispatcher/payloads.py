@@ -14,6 +14,7 @@ def build_run_input(
     run_id: str,
     slots: Sequence[int],
     attempt: int,
+    claim: str,
     storage: Storage,
     settings: Settings,
 ) -> RunInput:
@@ -34,7 +35,7 @@ def build_run_input(
                 index=index,
                 prompt=slot.prompt,
                 reference_urls=[reference_url(ref) for ref in slot.reference_ids],
-                output_url=storage.presigned_put(keys.image_object(run_id, index, attempt)),
+                output_url=storage.presigned_put(keys.image_object(run_id, index, attempt, claim)),
             )
         )
     return RunInput(
@@ -48,9 +49,9 @@ def build_run_input(
     )
 
 
-def webhook_url(run_id: str, attempt: int, settings: Settings) -> str:
+def webhook_url(run_id: str, attempt: int, claim: str, settings: Settings) -> str:
     token = tokens.issue(
-        settings.webhook_secret.get_secret_value(), run_id, attempt, settings.webhook_token_ttl_seconds
+        settings.webhook_secret.get_secret_value(), run_id, attempt, claim, settings.webhook_token_ttl_seconds
     )
     return f"{settings.public_url}/internal/runpod/webhook?token={token}"
 

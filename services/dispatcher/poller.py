@@ -10,6 +10,7 @@ from services.dispatcher.results import EXPIRED, FINAL_FAILURES
 from services.dispatcher.runpod_client import RunPodClient, RunPodError
 from shared import keys, metrics, task_results
 from shared.models import RunStatus
+from shared.redis_connection import REDIS_DOWN
 from shared.settings import Settings
 from shared.stores.runs import RunStore
 
@@ -27,6 +28,8 @@ class Poller:
         while not stop.is_set():
             try:
                 await self.poll_overdue()
+            except REDIS_DOWN as exc:
+                log.warning("poll pass: redis unavailable (%s); retrying", exc)
             except Exception:
                 log.exception("poll pass failed")
             try:
@@ -52,7 +55,7 @@ class Poller:
         if not run.runpod_id:
             # Claimed but never confirmed started: its dispatcher died mid-call. A new attempt
             # keeps any orphan execution's late output and webhook apart from the retry.
-            await self.runs.requeue(run_id, run.attempt, now, new_attempt=True, reason="start not confirmed")
+            await self.runs.requeue(run_id, run.attempt, run.claim, now, new_attempt=True, reason="start not confirmed")
             return
         try:
             body = await self.runpod.status(run.runpod_id)
@@ -64,5 +67,5 @@ class Poller:
         if body is None:
             body = {"id": run.runpod_id, "status": EXPIRED, "error": "RunPod no longer knows this run"}
         if body.get("status") == "COMPLETED" or body.get("status") in FINAL_FAILURES | {EXPIRED}:
-            await task_results.publish(self.redis, run_id, run.attempt, body, "poll")
+            await task_results.publish(self.redis, run_id, run.attempt, run.claim, body, "poll")
         await self.runs.postpone(run_id, next_look)

@@ -26,7 +26,7 @@ from shared.models import ImageOutcome, ImageStatus
 from shared.planning import EXTENSIONS
 from shared.settings import Settings
 from shared.storage import Storage
-from shared.stores.records import ImageRecord
+from shared.stores.records import ClaimedRun, ImageRecord
 
 # The error of an image whose reported outcome was malformed or out of bounds.
 INVALID_RESULT = "invalid_result"
@@ -115,9 +115,11 @@ class ResultVerifier:
         return None
 
     async def records(
-        self, run_id: str, attempt: int, slots: list[int], outcomes: Mapping[int, ImageOutcome | Refused]
+        self, run: ClaimedRun, slots: list[int], outcomes: Mapping[int, ImageOutcome | Refused]
     ) -> dict[int, ImageRecord]:
-        """The image records of a run's slots from what its worker reported, every success checked."""
+        """The image records of a run's slots from what its worker reported, every success checked
+        against the object of that claim (never another execution's)."""
+        run_id, attempt, claim = run
         now = time.time()
         claimed = {
             index: outcome
@@ -125,7 +127,7 @@ class ResultVerifier:
             if isinstance(outcome := outcomes.get(index), ImageOutcome) and outcome.status == "succeeded"
         }
         checks = [
-            self.mismatch(keys.image_object(run_id, index, attempt), outcome.bytes or 0, outcome.crc32 or 0)
+            self.mismatch(keys.image_object(run_id, index, attempt, claim), outcome.bytes or 0, outcome.crc32 or 0)
             for index, outcome in claimed.items()
         ]
         mismatches = dict(zip(claimed, await asyncio.gather(*checks), strict=True))
@@ -157,7 +159,7 @@ class ResultVerifier:
                 records[index] = ImageRecord(
                     status=ImageStatus.SUCCEEDED,
                     attempt=attempt,
-                    object_key=keys.image_object(run_id, index, attempt),
+                    object_key=keys.image_object(run_id, index, attempt, claim),
                     mime_type=outcome.mime_type,
                     bytes=outcome.bytes,
                     crc32=outcome.crc32,

@@ -7,12 +7,18 @@
 -- priority number, first in first out among equals). One call for both parts: a round trip less
 -- per run.
 --
+-- Each claim gets a name of its own (`claim`): ARGV[7], random per call, and the claim's order in
+-- the call. A claim lost with Redis's last writes (a crash, a failover) is made again under another
+-- name, so the RunPod execution it started cannot be taken for the new one: its webhook, its
+-- outcome and its objects all carry the old name (docs/architecture.md, "Durability").
+--
 -- KEYS: none (runs, jobs and projects are found as it goes)
 -- ARGV: [1] global cap, [2] now, [3] the webhook deadline of the runs started now, [4] per-project
---       cap (0: none), [5] runs per minute (0: unlimited), [6] limit, then run_id, attempt,
---       runpod_id triples of the runs started since the last call
--- Returns: {DONE, {claimed run_id, attempt pairs, flat (fewer than `limit`: nothing more can start
---          now)}, {a 1 or 0 per started run given (0: no longer live, the caller stops it on RunPod)}}
+--       cap (0: none), [5] runs per minute (0: unlimited), [6] limit, [7] this call's claim prefix,
+--       then run_id, attempt, claim, runpod_id of each run started since the last call
+-- Returns: {DONE, {claimed run_id, attempt, claim triples, flat (fewer than `limit`: nothing more
+--          can start now)}, {a 1 or 0 per started run given (0: no longer live, the caller stops it
+--          on RunPod)}}
 --- @include "fair_share"
 --- @include "job_status"
 
@@ -20,13 +26,13 @@ local cap, now, deadline = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local project_cap, rpm = tonumber(ARGV[4]), tonumber(ARGV[5])
 
 local recorded = {}
-for i = 7, #ARGV, 3 do
+for i = 8, #ARGV, 4 do
   local key = run_key(ARGV[i])
-  local r = redis.call('HMGET', key, 'attempt', 'status')
+  local r = redis.call('HMGET', key, 'attempt', 'claim', 'status')
   -- Also once that attempt's outcome is in (a fast run's webhook can beat /run's answer): the id
   -- stays on record. Not for an attempt canceled or superseded meanwhile: that one is stopped.
-  if r[1] == ARGV[i + 1] and r[2] ~= 'canceled' and r[2] ~= 'queued' then
-    redis.call('HSET', key, 'runpod_id', ARGV[i + 2])
+  if r[1] == ARGV[i + 1] and r[2] == ARGV[i + 2] and r[3] ~= 'canceled' and r[3] ~= 'queued' then
+    redis.call('HSET', key, 'runpod_id', ARGV[i + 3])
     recorded[#recorded + 1] = 1
   else
     recorded[#recorded + 1] = 0
@@ -49,10 +55,10 @@ local function open(project)
   return project_cap <= 0 or redis.call('ZCARD', project_running(project)) < project_cap
 end
 
-local function start(run_id, project)
+local function start(run_id, project, claim)
   redis.call('ZADD', RUNNING, deadline, run_id)
   redis.call('ZADD', project_running(project), deadline, run_id)
-  redis.call('HSET', run_key(run_id), 'status', 'dispatched', 'runpod_id', '', 'dispatched_at', now)
+  redis.call('HSET', run_key(run_id), 'status', 'dispatched', 'runpod_id', '', 'dispatched_at', now, 'claim', claim)
 end
 
 -- The head job of a project queue that still has runs to hand out (dead heads are dropped).
@@ -72,10 +78,11 @@ end
 -- `order` counts the claims of this call: jobs started in one call get started_at a microsecond
 -- apart, so that started_at still orders jobs as the scheduler took them.
 local function start_next(project, retry, job_id, order)
+  local claim = ARGV[7] .. string.format('%x', order)
   if retry then
     redis.call('ZREM', project_retries(project), retry)
-    start(retry, project)
-    return {retry, redis.call('HGET', run_key(retry), 'attempt')}
+    start(retry, project, claim)
+    return {retry, redis.call('HGET', run_key(retry), 'attempt'), claim}
   end
   local key = job_key(job_id)
   local j = redis.call('HMGET', key, 'status', 'runs_total', 'runs_started')
@@ -90,8 +97,8 @@ local function start_next(project, retry, job_id, order)
   end
   local run_id = job_id .. '.' .. index
   redis.call('HSET', run_key(run_id), 'job_id', job_id, 'project', project, 'attempt', 1)
-  start(run_id, project)
-  return {run_id, '1'}
+  start(run_id, project, claim)
+  return {run_id, '1', claim}
 end
 
 local function claim(order)
@@ -130,5 +137,6 @@ for order = 0, tonumber(ARGV[6]) - 1 do
   if not one then break end
   claimed[#claimed + 1] = one[1]
   claimed[#claimed + 1] = one[2]
+  claimed[#claimed + 1] = one[3]
 end
 return {DONE, claimed, recorded}

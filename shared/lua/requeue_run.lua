@@ -2,12 +2,13 @@
 -- /run call that never reached RunPod (the same attempt: nothing of it can arrive later).
 --
 -- KEYS: [1] the run's hash
--- ARGV: [1] run_id, [2] attempt, [3] ready_at, [4] 1 for a new attempt, else 0, [5] reason
--- Returns: {DONE, the attempt it will run as}, or {REFUSED} (that attempt is no longer live)
+-- ARGV: [1] run_id, [2] attempt, [3] ready_at, [4] 1 for a new attempt, else 0, [5] reason,
+--       [6] the claim that failed
+-- Returns: {DONE, the attempt it will run as}, or {REFUSED} (that claim is no longer live)
 --- @include "fair_share"
 
-local r = redis.call('HMGET', KEYS[1], 'attempt', 'status', 'project')
-if r[1] ~= ARGV[2] or not run_may(r[2], 'queued') then return {REFUSED} end
+local r = redis.call('HMGET', KEYS[1], 'attempt', 'status', 'project', 'claim')
+if r[1] ~= ARGV[2] or (r[4] or '') ~= ARGV[6] or not run_may(r[2], 'queued') then return {REFUSED} end
 local attempt = tonumber(ARGV[2]) + tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'attempt', attempt, 'status', 'queued', 'runpod_id', '', 'last_error', ARGV[5])
 leave_running(ARGV[1], r[3])

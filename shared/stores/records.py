@@ -3,7 +3,7 @@ types their calls take and give. No Redis calls here."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
@@ -68,6 +68,9 @@ class RunRecord(BaseModel):
     attempt: int
     status: RunStatus
     runpod_id: str = ""
+    # Names the latest claim of the run (shared/lua/record_started_and_claim.lua): what was started
+    # under another name is not this run's current execution.
+    claim: str = ""
     dispatched_at: float | None = None
     last_error: str | None = None
     slots: str | None = None  # redo runs only: "3,7"
@@ -89,12 +92,21 @@ def job_record(values: Sequence[str | None]) -> JobRecord | None:
     return JobRecord.model_validate(fields)
 
 
-@dataclass(frozen=True, slots=True)
-class StartedRun:
-    """A run attempt RunPod accepted, as the id RunPod gave it."""
+class ClaimedRun(NamedTuple):
+    """A run claimed to start: its attempt, and the claim's own name."""
 
     run_id: str
     attempt: int
+    claim: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartedRun:
+    """A claimed run RunPod accepted, as the id RunPod gave it."""
+
+    run_id: str
+    attempt: int
+    claim: str
     runpod_id: str
 
 
@@ -104,6 +116,7 @@ class Completion:
 
     run_id: str
     attempt: int
+    claim: str
     status: RunStatus
     images: dict[int, ImageRecord]
 
@@ -116,7 +129,7 @@ class Completion:
         succeeded = sum(1 for r in self.images.values() if r.status == ImageStatus.SUCCEEDED)
         tokens = sum(r.prompt_tokens + r.output_tokens for r in self.images.values())
         args: list[Any] = [self.run_id, job_id, self.attempt, now, self.status.value, succeeded]
-        args += [len(self.images) - succeeded, tokens]
+        args += [len(self.images) - succeeded, tokens, self.claim]
         for index, record in self.images.items():
             args += [index, record.model_dump_json(exclude_none=True)]
         return args
@@ -124,7 +137,7 @@ class Completion:
 
 @dataclass(frozen=True, slots=True)
 class Claims:
-    runs: list[tuple[str, int]]  # run_id, attempt
+    runs: list[ClaimedRun]
     recorded: list[bool]  # per started run given: False if that attempt was no longer live
 
 

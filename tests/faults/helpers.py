@@ -14,13 +14,14 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from redis.asyncio import Redis
 
 from deploy.processes import scratch_dir
 from deploy.stack import Stack, start_stack
-from shared import keys
+from shared import keys, tokens
 from tests.stack_helpers import download_zip, emulator, submit, wait_final
 
 API_KEY = "fault-key"
@@ -113,14 +114,28 @@ async def wait_runs_done(redis: Redis, job_id: str, at_least: int, within: float
     await wait_for(reached, within=within, what=f"job {job_id} reaching {at_least} runs done")
 
 
-async def runpod_attempts(stack: Stack, job_id: str) -> Counter[tuple[str, int]]:
-    """How many RunPod jobs were created for each (run, attempt) of a job, from the emulator's log."""
+async def runpod_jobs(stack: Stack, job_id: str) -> list[dict[str, Any]]:
+    """The RunPod jobs created for a job's runs, from the emulator's log, oldest first."""
     jobs = await emulator(stack, "runpod", "GET", "/_emulator/jobs")
-    return Counter(
-        (j["input"]["run_id"], j["input"]["attempt"])
-        for j in jobs
-        if isinstance(j.get("input"), dict) and j["input"].get("job_id") == job_id
-    )
+    return [j for j in jobs if isinstance(j.get("input"), dict) and j["input"].get("job_id") == job_id]
+
+
+def claim_of(runpod_job: dict[str, Any]) -> str:
+    """The claim a RunPod job was started under: the one its webhook token names."""
+    token = parse_qs(urlsplit(runpod_job["webhook"]).query)["token"][0]
+    run_id, attempt, claim, *_ = token.split(tokens.SEPARATOR)
+    assert (run_id, int(attempt)) == (runpod_job["input"]["run_id"], runpod_job["input"]["attempt"]), token
+    return claim
+
+
+async def runpod_attempts(stack: Stack, job_id: str) -> Counter[tuple[str, int]]:
+    """How many RunPod jobs were created for each (run, attempt) of a job."""
+    return Counter((j["input"]["run_id"], j["input"]["attempt"]) for j in await runpod_jobs(stack, job_id))
+
+
+async def runpod_claims(stack: Stack, job_id: str) -> Counter[tuple[str, int, str]]:
+    """How many RunPod jobs were created for each claim of a job's runs."""
+    return Counter((j["input"]["run_id"], j["input"]["attempt"], claim_of(j)) for j in await runpod_jobs(stack, job_id))
 
 
 async def pending_entries(redis: Redis) -> dict[str, int]:
@@ -159,6 +174,7 @@ async def assert_job_whole(
     *,
     images: int = JOB_IMAGES,
     within: float = 90,
+    claims_may_be_lost: bool = False,
 ) -> dict[str, Any]:
     """The job completed with every image; its ZIP holds each slot exactly once and is intact; no
     (run, attempt) was started twice on RunPod; nothing is left pending in the streams."""
@@ -173,9 +189,11 @@ async def assert_job_whole(
     names = archive.namelist()
     assert sorted(names) == expected_names(images), Counter(names).most_common(3)
     assert archive.testzip() is None  # every member's CRC checks out: nothing half-written
-    attempts = await runpod_attempts(stack, job_id)
-    twice = {pair: n for pair, n in attempts.items() if n > 1}
-    assert not twice, f"runs started more than once on RunPod for the same attempt: {twice}"
-    assert len({run for run, _ in attempts}) == images // 4
+    # After a failover that lost claims, a run may be claimed again under the same attempt: never
+    # under the same claim.
+    starts = await (runpod_claims(stack, job_id) if claims_may_be_lost else runpod_attempts(stack, job_id))
+    twice = {started: n for started, n in starts.items() if n > 1}
+    assert not twice, f"runs started more than once on RunPod for the same attempt or claim: {twice}"
+    assert len({started[0] for started in starts}) == images // 4
     await assert_nothing_pending(redis)
     return status

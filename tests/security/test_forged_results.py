@@ -41,7 +41,7 @@ from shared.models import ImageOutcome, ImageStatus, JobStatus, RunStatus, SemiA
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.stores.jobs import JobStore
-from shared.stores.records import Completion, ImageRecord
+from shared.stores.records import ClaimedRun, Completion, ImageRecord
 from shared.stores.runs import RunStore
 from tests.security.conftest import KEY_A, WEBHOOK_SECRET
 from tests.stack_helpers import client, emulator, png_bytes, submit, wait_final
@@ -90,9 +90,10 @@ class StuckRun:
         self.attempt: int = record["input"]["attempt"]
         self.runpod_id: str = record["id"]
         self.token = parse_qs(urlsplit(record["webhook"]).query)["token"][0]
+        self.claim = self.token.split(tokens.SEPARATOR)[2]
 
     def key(self, index: int) -> str:
-        return keys.image_object(self.run_id, index, self.attempt)
+        return keys.image_object(self.run_id, index, self.attempt, self.claim)
 
     async def call_back(self, images: list[dict[str, Any]]) -> httpx.Response:
         body = {"id": self.runpod_id, "status": "COMPLETED", "output": {"images": images}}
@@ -224,7 +225,7 @@ def nested(levels: int) -> bytes:
 
 
 async def test_deeply_nested_callbacks_are_a_400(full_stack: Stack, full_redis: Redis) -> None:
-    token = tokens.issue(WEBHOOK_SECRET, keys.run_id("0" * 32, 0), 1, 3600)
+    token = tokens.issue(WEBHOOK_SECRET, keys.run_id("0" * 32, 0), 1, "c0ffee00", 3600)
     before = await full_redis.xlen(keys.TASK_RESULTS_STREAM)
     bodies = (b"[" * 100_000 + b"]" * 100_000, b"[" * 100_000, nested(100_000), nested(bounded_json.MAX_DEPTH + 1))
     # The webhook reads its body whatever type it is declared as: as JSON, and as anything else
@@ -258,12 +259,13 @@ async def test_storage_down_while_checking_results_retries_the_message_and_fails
 ) -> None:
     store, runs = JobStore(fresh_redis, settings), RunStore(fresh_redis, settings)
     job = await store.create("p", one_run_job())
-    ((run_id, attempt),) = (await runs.acquire_many(time.time(), time.time() + 60, 1)).runs
+    (run,) = (await runs.acquire_many(time.time(), time.time() + 60, 1)).runs
+    run_id = run.run_id
     data = png_bytes(seed=6)
     for index in range(4):
-        await storage.put_bytes(keys.image_object(run_id, index, attempt), data, "image/png")
+        await storage.put_bytes(object_of(run, index), data, "image/png")
     body = {"status": "COMPLETED", "output": {"images": [good(index, data) for index in range(4)]}}
-    fields = {"run_id": run_id, "attempt": str(attempt), "body": json.dumps(body)}
+    fields = {"run_id": run_id, "attempt": str(run.attempt), "claim": run.claim, "body": json.dumps(body)}
 
     down = settings.model_copy(
         update={"s3_endpoint": f"http://127.0.0.1:{closed_port()}", "s3_retries": 0, "s3_connect_timeout_seconds": 1}
@@ -281,17 +283,22 @@ async def test_storage_down_while_checking_results_retries_the_message_and_fails
     assert (await store.get(job.id)).status == JobStatus.PACKAGING  # type: ignore[union-attr]
 
 
-async def packaging_job(store: JobStore, storage: Storage, images: dict[int, bytes]) -> tuple[str, str, int]:
+def object_of(run: ClaimedRun, index: int) -> str:
+    return keys.image_object(run.run_id, index, run.attempt, run.claim)
+
+
+async def packaging_job(store: JobStore, storage: Storage, images: dict[int, bytes]) -> tuple[str, ClaimedRun]:
     """A one-run job in packaging whose run reported `images` (all checked out when reported)."""
     runs = RunStore(store.redis, store.settings)
     job = await store.create("p", one_run_job())
-    ((run_id, attempt),) = (await runs.acquire_many(time.time(), time.time() + 60, 1)).runs
+    (run,) = (await runs.acquire_many(time.time(), time.time() + 60, 1)).runs
+    run_id, attempt, claim = run
     records = {}
     for index in range(4):
         if index not in images:
             records[index] = ImageRecord(status=ImageStatus.FAILED, attempt=attempt, error="no_image", finished_at=1.0)
             continue
-        key = keys.image_object(run_id, index, attempt)
+        key = object_of(run, index)
         await storage.put_bytes(key, images[index], "image/png")
         records[index] = ImageRecord(
             status=ImageStatus.SUCCEEDED,
@@ -304,9 +311,9 @@ async def packaging_job(store: JobStore, storage: Storage, images: dict[int, byt
             output_tokens=4,
             finished_at=time.time(),
         )
-    assert await runs.complete(Completion(run_id, attempt, RunStatus.SUCCEEDED, records))
+    assert await runs.complete(Completion(run_id, attempt, claim, RunStatus.SUCCEEDED, records))
     assert (await store.get(job.id)).status == JobStatus.PACKAGING  # type: ignore[union-attr]
-    return job.id, run_id, attempt
+    return job.id, run
 
 
 async def test_objects_lost_or_changed_before_packaging_fail_their_images_not_the_job(
@@ -314,11 +321,11 @@ async def test_objects_lost_or_changed_before_packaging_fail_their_images_not_th
 ) -> None:
     store = JobStore(fresh_redis, settings, JobArchive(storage))
     images = {index: png_bytes(seed=10 + index) for index in range(4)}
-    job_id, run_id, attempt = await packaging_job(store, storage, images)
-    await storage.delete(keys.image_object(run_id, 1, attempt))  # deleted meanwhile
+    job_id, run = await packaging_job(store, storage, images)
+    await storage.delete(object_of(run, 1))  # deleted meanwhile
     changed = bytearray(images[2])
     changed[len(changed) // 2] ^= 0xFF  # the same size: only its CRC tells
-    await storage.put_bytes(keys.image_object(run_id, 2, attempt), bytes(changed), "image/png")
+    await storage.put_bytes(object_of(run, 2), bytes(changed), "image/png")
     hourly = keys.project_hourly("p")
     counted = await fresh_redis.hgetall(hourly)
 
@@ -344,9 +351,9 @@ async def test_a_job_whose_every_object_is_gone_fails_with_a_reason(
     fresh_redis: Redis, settings: Settings, storage: Storage
 ) -> None:
     store = JobStore(fresh_redis, settings, JobArchive(storage))
-    job_id, run_id, attempt = await packaging_job(store, storage, {0: png_bytes(seed=20), 2: png_bytes(seed=21)})
+    job_id, run = await packaging_job(store, storage, {0: png_bytes(seed=20), 2: png_bytes(seed=21)})
     for index in (0, 2):
-        await storage.delete(keys.image_object(run_id, index, attempt))
+        await storage.delete(object_of(run, index))
     await Packager(store, storage, settings).package(job_id)
     job = await store.get(job_id)
     assert job is not None and job.status == JobStatus.FAILED, job
@@ -384,12 +391,12 @@ async def test_one_unusable_object_has_every_other_looked_at_in_the_same_pass(
 ) -> None:
     # A deleted prefix costs one more ZIP attempt, not one per image.
     store = JobStore(fresh_redis, settings, JobArchive(storage))
-    job_id, run_id, attempt = await packaging_job(store, storage, {i: png_bytes(seed=40 + i) for i in range(4)})
+    job_id, run = await packaging_job(store, storage, {i: png_bytes(seed=40 + i) for i in range(4)})
     for index in (1, 3):
-        await storage.delete(keys.image_object(run_id, index, attempt))
+        await storage.delete(object_of(run, index))
     job, (_, images) = await store.get(job_id), await store.records(job_id)
     assert job is not None
-    unusable = {keys.image_object(run_id, 1, attempt): "gone"}
+    unusable = {object_of(run, 1): "gone"}
     assert await Packager(store, storage, settings).set_aside(job, images, unusable) == 2
     records = await store.images(job_id)
     assert [records[index].error for index in range(4)] == [None, "object_mismatch", None, "object_mismatch"]

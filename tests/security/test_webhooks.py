@@ -76,7 +76,7 @@ async def test_tokens_not_issued_as_they_are_are_refused_and_change_nothing(
 ) -> None:
     first, second = finished["records"]
     token = token_of(first)
-    run_id, attempt, expires, _ = token.split(tokens.SEPARATOR)
+    run_id, attempt, claim, expires, _ = token.split(tokens.SEPARATOR)
     other_run = second["input"]["run_id"]
     body = finished["bodies"][0]
     before = await state(full_redis, finished["job_id"])
@@ -84,11 +84,13 @@ async def test_tokens_not_issued_as_they_are_are_refused_and_change_nothing(
         ("missing", None, 401),
         ("empty", "", 401),
         ("garbage", "nonsense", 403),
-        ("signed with another secret", tokens.issue("not-the-secret", run_id, int(attempt), 3600), 403),
-        ("expired", tokens.issue(WEBHOOK_SECRET, run_id, int(attempt), -60), 403),
+        ("signed with another secret", tokens.issue("not-the-secret", run_id, int(attempt), claim, 3600), 403),
+        ("expired", tokens.issue(WEBHOOK_SECRET, run_id, int(attempt), claim, -60), 403),
         ("attempt altered", altered(token, 1, str(int(attempt) + 1)), 403),
+        ("claim altered", altered(token, 2, "0" * len(claim)), 403),
+        ("claim dropped", tokens.SEPARATOR.join((run_id, attempt, expires, token.rsplit(tokens.SEPARATOR, 1)[1])), 403),
         ("run altered", altered(token, 0, other_run), 403),
-        ("expiry extended", altered(token, 2, str(int(expires) + 3600)), 403),
+        ("expiry extended", altered(token, 3, str(int(expires) + 3600)), 403),
         ("signature cut", token[:-1], 403),
     ]
     for case, bad, expected in cases:

@@ -67,12 +67,12 @@ async def runpod_webhook(
         # RunPod sometimes posts empty bodies; the dispatcher's /status polling covers those runs.
         return WebhookAnswer(accepted=False, reason="empty body")
     run = await services.runs.run(claim.run_id)
-    current = run is not None and run.attempt == claim.attempt
+    current = run is not None and (run.attempt, run.claim) == (claim.attempt, claim.claim)
     if run is not None and current and run.runpod_id and body.get("id") != run.runpod_id:
         raise Forbidden("The webhook body is about another RunPod job than its token was issued for.")
     if run is None or not current or run.status != RunStatus.DISPATCHED:
         return WebhookAnswer(accepted=False, reason="the run's outcome for this attempt is already settled")
-    await task_results.publish(services.redis, claim.run_id, claim.attempt, body, "webhook")
+    await task_results.publish(services.redis, claim.run_id, claim.attempt, claim.claim, body, "webhook")
     return WebhookAnswer(accepted=True)
 
 
