@@ -21,6 +21,7 @@ its connections (a lost node) in about half a minute instead of the kernel's two
 import asyncio
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 from urllib.parse import unquote, urlsplit
@@ -208,7 +209,20 @@ async def check(redis: Redis) -> None:
     except ResponseError as exc:
         raise Misconfigured(f"Redis {_where(redis)} refused the connection's settings: {exc}") from None
     except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
+        _refuse_untrusted(exc, f"Redis {_where(redis)}")
         raise Unavailable(f"Redis {_where(redis)} does not answer: {exc or type(exc).__name__}") from None
+
+
+def _refuse_untrusted(exc: BaseException, who: str) -> None:
+    """A certificate that does not verify will not start to: that is the settings, not an outage."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise Misconfigured(
+                f"{who} presents a certificate this service does not trust ({cause.verify_message}): "
+                "set BUNCH_REDIS_TLS_CA_FILE to the CA that signed it"
+            ) from None
+        cause = cause.__cause__ or cause.__context__
 
 
 async def _check_sentinels(pool: SentinelConnectionPool) -> None:
@@ -227,6 +241,7 @@ async def _check_sentinels(pool: SentinelConnectionPool) -> None:
         except ResponseError as exc:
             raise Misconfigured(f"{where} in BUNCH_REDIS_URL does not answer as a Sentinel: {exc}") from None
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            _refuse_untrusted(exc, f"the Sentinel at {where}")
             answers.append(f"{where}: {exc or type(exc).__name__}")
             continue
         if address:
