@@ -7,6 +7,7 @@ One module per benchmark, each runnable alone (`python -m bench.<name> --help`):
     bench.gateway     4. gateway requests/s and latency vs a bare FastAPI + Redis endpoint (uvicorn, granian)
     bench.scale       5. a 10,000-input automatic job: accept time, Redis memory per run, status latency
     bench.e2e         6. images/s through the whole pipeline with the real handler, and a profile
+    bench.redis_wait  what BUNCH_REDIS_WAIT_REPLICAS=1 costs per run, with a replica up and with it lost
 
 Each prints its figures, replaces its rows in bench/RESULTS.md and exits 1 when a target is missed.
 """

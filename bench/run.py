@@ -12,7 +12,7 @@ import time
 
 from bench.common import RESULTS
 
-BENCHMARKS = ["dispatch", "packaging", "gateway", "scale", "e2e", "tenants", "memory"]
+BENCHMARKS = ["dispatch", "packaging", "gateway", "scale", "e2e", "tenants", "memory", "redis_wait"]
 QUICK = {
     "dispatch": ["--runs", "400", "--jobs", "4"],
     "packaging": ["--size-mb", "100", "--small-mb", "40", "--large-mb", "120", "--reps", "1"],
@@ -21,6 +21,7 @@ QUICK = {
     "e2e": ["--images", "80", "--jobs", "2"],
     "tenants": ["--quick"],
     "memory": ["--quick"],
+    "redis_wait": ["--runs", "400", "--rounds", "2", "--stall-seconds", "2"],
 }
 
 
