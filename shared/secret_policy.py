@@ -6,6 +6,8 @@ to resist guessing stops the process with a message naming the setting. Bunch's 
 for a laptop; a deployment that forgot one must not quietly run with it.
 """
 
+from urllib.parse import unquote
+
 from pydantic import SecretStr
 
 from shared.errors import Misconfigured
@@ -24,11 +26,16 @@ PUBLISHED = frozenset(
         "dev-webhook-secret-change-me",
         "local-webhook-secret",
         "emulator-key",
+        "local-redis-password",
+        "local-sentinel-password",
+        "replace-me-redis-password",
+        "replace-me-sentinel-password",
     }
 )
 MIN_SECRET_CHARS = 32  # signing keys: 32 random characters carry some 190 bits
 MIN_API_KEY_CHARS = 20
 MIN_S3_SECRET_CHARS = 16
+MIN_REDIS_PASSWORD_CHARS = 16  # Redis may run without one (a private network); if set, it must hold
 
 
 class UnsafeSecrets(Misconfigured):
@@ -60,12 +67,19 @@ def problems(settings: Settings) -> list[str]:
     check("BUNCH_USER_WEBHOOK_SECRET_PREVIOUS", settings.user_webhook_secret_previous, MIN_SECRET_CHARS, True)
     check("BUNCH_METRICS_TOKEN", settings.metrics_token, MIN_SECRET_CHARS, optional=True)
     check("BUNCH_S3_SECRET_KEY", settings.s3_secret_key, MIN_S3_SECRET_CHARS)
+    check("BUNCH_REDIS_URL's password", SecretStr(_url_password(settings.redis_url)), MIN_REDIS_PASSWORD_CHARS, True)
+    check("BUNCH_REDIS_SENTINEL_PASSWORD", settings.redis_sentinel_password, MIN_REDIS_PASSWORD_CHARS, optional=True)
     if settings.s3_access_key.get_secret_value().lower() in PUBLISHED:
         found.append("BUNCH_S3_ACCESS_KEY is a published default")
     for key, project in settings.project_for_key().items():
         if why := _weak(key, MIN_API_KEY_CHARS):
             found.append(f"BUNCH_API_KEYS: the key of project {project!r} {why}")
     return found
+
+
+def _url_password(url: str) -> str:
+    credentials, at, _ = url.partition("://")[2].partition("@")
+    return unquote(credentials.partition(":")[2]) if at else ""
 
 
 def refuse_unsafe_secrets(settings: Settings) -> None:

@@ -13,6 +13,7 @@ from deploy.processes import Process, base_env, free_port, python
 from deploy.stack import Stack
 from services.gateway.auth import ApiKeys
 from shared import keys
+from shared.lifecycle import EXIT_MISCONFIGURED
 from shared.secret_policy import problems
 from shared.settings import Settings
 from shared.webhook_signing import hkdf_sha256, project_signing_secrets, project_webhook_secret
@@ -110,9 +111,18 @@ def test_api_keys_are_held_and_looked_up_as_digests() -> None:
 
 
 def test_published_or_weak_secrets_are_named() -> None:
-    unsafe = Settings(_env_file=None, env="production", api_keys="dev-key:dev,short:p2")
+    unsafe = Settings(
+        _env_file=None,
+        env="production",
+        api_keys="dev-key:dev,short:p2",
+        redis_url="redis+sentinel://:replace-me-redis-password@sentinel:26379/bunch/0",
+        redis_sentinel_password="short",
+    )
     found = "\n".join(problems(unsafe))
+    assert "replace-me" not in found  # names settings, never values
     for expected in (
+        "BUNCH_REDIS_URL's password is a published default",
+        "BUNCH_REDIS_SENTINEL_PASSWORD is shorter than 16 characters",
         "BUNCH_WEBHOOK_SECRET is empty",
         "BUNCH_S3_SECRET_KEY is a published default",
         "BUNCH_S3_ACCESS_KEY is a published default",
@@ -142,9 +152,10 @@ def test_services_refuse_to_start_with_published_secrets(service: str, tmp_path:
         status = proc.wait(30)
     finally:
         proc.kill()
-    assert status not in (0, None)
+    assert status == EXIT_MISCONFIGURED
     text = log.read_text()
     assert "Refusing to start with unsafe secrets" in text and "BUNCH_WEBHOOK_SECRET is empty" in text, text
+    assert "Traceback" not in text, text  # one line that says why
     assert "dev-key" not in text.split("Refusing", 1)[1]  # the message names settings, never values
 
 
