@@ -2,29 +2,27 @@
 
 import importlib.util
 import re
-from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from pydantic import AliasChoices
 
 from shared.settings import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def settings_env_names() -> set[str]:
-    names = set()
-    for name, field in Settings.model_fields.items():
-        names.add(f"BUNCH_{name.upper()}")
-        if isinstance(field.validation_alias, AliasChoices):
-            names.update(str(choice) for choice in field.validation_alias.choices)
-    return names
-
-
-def compose() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+from tests.deploy_files import (
+    K8S,
+    ROOT,
+    SERVICES,
+    bunch_containers,
+    compose,
+    config_directives,
+    k8s_files,
+    k8s_object,
+    k8s_objects,
+    memory_bytes,
+    pod_containers,
+    redis_template,
+    settings_env_names,
+)
 
 
 def test_compose_commands_name_real_modules() -> None:
@@ -142,40 +140,6 @@ def test_env_example_defaults_are_accepted_by_settings() -> None:
     assert settings.max_concurrency >= 1
 
 
-# --- Kubernetes manifests -------------------------------------------------------------------
-
-K8S = ROOT / "deploy" / "k8s"
-SERVICES = ("gateway", "dispatcher", "packager")
-
-
-def k8s_files() -> list[Path]:
-    return sorted(path for path in K8S.glob("*.yaml") if path.name != "kustomization.yaml")
-
-
-def k8s_objects() -> list[dict[str, Any]]:
-    objects = []
-    for path in k8s_files():
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc is not None:
-                objects.append(doc)
-    return objects
-
-
-def k8s_object(kind: str, name: str) -> dict[str, Any]:
-    found = [o for o in k8s_objects() if o["kind"] == kind and o["metadata"]["name"] == name]
-    assert len(found) == 1, (kind, name, len(found))
-    return found[0]
-
-
-def pod_containers() -> list[tuple[str, dict[str, Any]]]:
-    return [
-        (obj["metadata"]["name"], container)
-        for obj in k8s_objects()
-        if obj["kind"] in ("Deployment", "StatefulSet")
-        for container in obj["spec"]["template"]["spec"]["containers"]
-    ]
-
-
 def gateway_has_route(path: str, method: str = "GET") -> bool:
     from starlette.routing import Match
 
@@ -251,7 +215,13 @@ def test_workers_have_exec_probes_and_more_than_one_replica() -> None:
 
 
 def test_every_container_has_resource_requests_and_limits() -> None:
-    for name, container in pod_containers():
+    init_containers = [
+        (obj["metadata"]["name"], container)
+        for obj in k8s_objects()
+        if obj["kind"] in ("Deployment", "StatefulSet")
+        for container in obj["spec"]["template"]["spec"].get("initContainers", [])
+    ]
+    for name, container in pod_containers() + init_containers:
         resources = container.get("resources", {})
         for part in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(resources.get(part, {})), (name, part)
@@ -286,14 +256,15 @@ def test_services_and_hpa_point_at_what_exists() -> None:
 def test_redis_keeps_an_append_only_file_on_a_volume() -> None:
     redis = k8s_object("StatefulSet", "redis")
     (container,) = redis["spec"]["template"]["spec"]["containers"]
-    command = container["command"]
-    assert command[command.index("--appendonly") + 1] == "yes"
+    conf = config_directives(redis_template("redis.conf"))
+    assert conf["appendonly"] == ["yes"] and conf["appendfsync"] == ["everysec"]
     claims = {t["metadata"]["name"] for t in redis["spec"]["volumeClaimTemplates"]}
-    assert {m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/data"} <= claims
+    (data_dir,) = conf["dir"]
+    assert {m["name"] for m in container["volumeMounts"] if m["mountPath"] == data_dir} <= claims
+    assert any(m["mountPath"] == data_dir for m in container["volumeMounts"])
     assert k8s_object("Service", redis["spec"]["serviceName"])
-    assert k8s_object("ConfigMap", "bunch-config")["data"]["BUNCH_REDIS_URL"].startswith(
-        f"redis://{redis['metadata']['name']}:"
-    )
+    # The services find Redis through the Sentinels (redis-auth's bunch-redis-url), not a fixed address.
+    assert "BUNCH_REDIS_URL" not in k8s_object("ConfigMap", "bunch-config")["data"]
 
 
 def test_k8s_and_compose_set_only_settings_the_code_reads() -> None:
@@ -301,7 +272,8 @@ def test_k8s_and_compose_set_only_settings_the_code_reads() -> None:
     configmap = k8s_object("ConfigMap", "bunch-config")
     secret = k8s_object("Secret", "bunch-secrets")
     names = set(configmap["data"]) | set(secret["stringData"]) | set(compose()["x-bunch-env"])
-    for _, container in pod_containers():
+    # Bunch's own containers; the Redis and Sentinel pods' variables are redis.sh's (checked below).
+    for _, container in bunch_containers():
         names |= {env["name"] for env in container.get("env", [])}
         for source in container.get("envFrom", []):
             ref = source.get("configMapRef") or source.get("secretRef")
@@ -319,7 +291,14 @@ def test_secret_template_holds_no_real_secret() -> None:
 
 
 def test_redis_has_a_memory_limit_and_never_evicts_state() -> None:
-    (k8s_redis,) = k8s_object("StatefulSet", "redis")["spec"]["template"]["spec"]["containers"]
-    for command in (compose()["services"]["redis"]["command"], k8s_redis["command"]):
+    services = compose()["services"]
+    for name in ("redis", "redis-replica"):
+        command = services[name]["command"]
         assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
         assert command[command.index("--maxmemory") + 1]
+    conf = config_directives(redis_template("redis.conf"))
+    assert conf["maxmemory-policy"] == ["noeviction"]
+    (container,) = k8s_object("StatefulSet", "redis")["spec"]["template"]["spec"]["containers"]
+    limit = memory_bytes(container["resources"]["limits"]["memory"])
+    # Room above maxmemory for the replicas' output buffers and the AOF rewrite's copy-on-write.
+    assert memory_bytes(conf["maxmemory"][0]) <= 0.75 * limit
