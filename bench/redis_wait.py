@@ -42,12 +42,13 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from bench.common import Contention, command, cpu_model, cpu_seconds, parser, percentile
+from bench.memory import image_records
 from deploy.processes import Process, free_port, scratch_dir, start_redis
 from shared import keys, planning, scripts
-from shared.models import ImageStatus, RunStatus, SemiAutoJobRequest
+from shared.models import RunStatus, SemiAutoJobRequest
 from shared.settings import Settings
 from shared.stores.jobs import JobStore
-from shared.stores.records import ClaimedRun, Completion, ImageRecord, StartedRun
+from shared.stores.records import ClaimedRun, Completion, StartedRun
 from shared.stores.runs import REPLICA_RETRY_SECONDS, RunStore
 
 HEADING = "## Waiting for a replica (BUNCH_REDIS_WAIT_REPLICAS)"
@@ -135,21 +136,8 @@ async def rewrite_aof(redis: Redis) -> None:
 def completion(run: ClaimedRun) -> Completion:
     run_id, attempt, claim = run
     _, name = keys.split_run_id(run_id)
-    images = {
-        index: ImageRecord(
-            status=ImageStatus.SUCCEEDED,
-            attempt=attempt,
-            object_key=keys.image_object(run_id, index, attempt, claim),
-            mime_type="image/png",
-            bytes=1_400_000 + index,
-            crc32=123_456_789 + index,
-            prompt_tokens=258,
-            output_tokens=1290,
-            finished_at=time.time(),
-        )
-        for index in planning.run_slots(CONFIG, int(name), 4)
-    }
-    return Completion(run_id, attempt, claim, RunStatus.SUCCEEDED, images)
+    slots = planning.run_slots(CONFIG, int(name), 4)
+    return Completion(run_id, attempt, claim, RunStatus.SUCCEEDED, image_records(run_id, attempt, claim, list(slots)))
 
 
 def unreplicated_writes() -> float:
