@@ -351,3 +351,18 @@ async def test_live_and_failed_indexes_follow_every_status_change(fresh_redis: R
     assert await fresh_redis.zrange(keys.project_failed_jobs("p"), 0, -1) == [failing.id]
     await store.create("p", await store.config(failing.id), retry_of=failing.id)
     assert await fresh_redis.zcard(keys.project_failed_jobs("p")) == 0  # retried: no longer a candidate
+
+
+async def test_outcomes_and_retries_of_another_claim_change_nothing(fresh_redis: Redis, settings: Settings) -> None:
+    """A claim lost with Redis's last writes was made again under another name: what the lost
+    execution reports (its outcome, its failure) must not count for the run."""
+    runs = runs_with(fresh_redis, settings, max_concurrency=1)
+    created = await store_with(fresh_redis, settings).create("p", job(4))
+    ((run_id, attempt, claim),) = (await runs.acquire_many(1000.0, 1030.0, 1)).runs
+    lost = "0123456789a"
+    image = ImageRecord(status=ImageStatus.SUCCEEDED, attempt=1, object_key="k", finished_at=1001.0)
+    assert not await runs.complete(Completion(run_id, attempt, lost, RunStatus.SUCCEEDED, {0: image}))
+    assert await runs.requeue(run_id, attempt, lost, 1001.0, new_attempt=True, reason="lost one failed") == 0
+    assert await fresh_redis.hget(keys.run(run_id), "status") == "dispatched"
+    assert await fresh_redis.hlen(keys.job_images(created.id)) == 0
+    assert await runs.complete(Completion(run_id, attempt, claim, RunStatus.SUCCEEDED, {0: image}))
