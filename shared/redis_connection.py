@@ -65,9 +65,6 @@ class SentinelAddress:
     password: str | None
     tls: bool
 
-    def describe(self) -> str:
-        return f"master {self.master!r} of the Sentinels at {', '.join(f'{h}:{p}' for h, p in self.sentinels)}"
-
 
 def parse_sentinel_url(url: str) -> SentinelAddress | None:
     """The address of a `redis+sentinel://` URL; None for any other URL. Raises Misconfigured."""
@@ -189,12 +186,6 @@ def connect(settings: Settings, *, client_class: type[Redis] = Redis, decode_res
     return client
 
 
-def describe(settings: Settings) -> str:
-    """Where `settings` point, without secrets, for logs."""
-    address = parse_sentinel_url(settings.redis_url)
-    return address.describe() if address else redact(settings.redis_url)
-
-
 async def check(redis: Redis) -> None:
     """Nothing when Redis answers as the state of record; otherwise raises Misconfigured (the
     settings cannot work: a wrong password, a master no Sentinel knows) or Unavailable (nothing
@@ -240,7 +231,7 @@ async def _check_sentinels(pool: SentinelConnectionPool) -> None:
             ) from None
         except ResponseError as exc:
             raise Misconfigured(f"{where} in BUNCH_REDIS_URL does not answer as a Sentinel: {exc}") from None
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except REDIS_DOWN as exc:
             _refuse_untrusted(exc, f"the Sentinel at {where}")
             answers.append(f"{where}: {exc or type(exc).__name__}")
             continue

@@ -19,6 +19,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys, scripts
+from shared.redis_connection import REDIS_DOWN
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,14 +95,14 @@ class StreamConsumer:
                     next_claim = loop.time() + claim_every
                 for _stream, messages in await self._acknowledge_and_read() or []:
                     await self._handle_all(messages)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 log.warning("redis unavailable on %s (%s); retrying", self.stream, exc)
                 ready = False
                 await asyncio.sleep(1.0)
         try:
             if self._handled:
                 await self.redis.xack(self.stream, self.group, *self._handled)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except REDIS_DOWN as exc:
             log.warning("could not acknowledge %d handled messages on %s (%s)", len(self._handled), self.stream, exc)
 
     async def _acknowledge_and_read(self) -> Any:
