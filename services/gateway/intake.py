@@ -8,9 +8,10 @@ from fastapi import UploadFile
 
 from services.gateway.dataset_costs import run_blocking
 from services.gateway.deps import Services
-from services.gateway.images import CheckedImage, check_image, declared_pixels
+from services.gateway.images import HEIF_FORMATS, CheckedImage, check_image, declared_pixels, heif_format
 from services.gateway.schemas.uploads import UploadInfo
 from shared import keys
+from shared.gemini_models import spec_for
 from shared.storage import Storage
 from shared.stores.uploads import UploadStore
 
@@ -33,10 +34,13 @@ async def read_limited(file: UploadFile, limit: int) -> bytes:
 
 
 async def check_upload(services: Services, project: str, data: bytes) -> CheckedImage:
-    """The checked image, or ImageRejected."""
+    """The checked image, or ImageRejected. HEIC and HEIF are taken when the configured model
+    takes them as references (shared/gemini_models.py)."""
     settings = services.settings
-    check = partial(check_image, data, settings.max_upload_bytes, settings.max_upload_pixels)
-    if (declared_pixels(data) or INLINE_DECODE_PIXELS + 1) <= INLINE_DECODE_PIXELS:
+    heif_types = spec_for(settings.gemini_model).reference_types & set(HEIF_FORMATS.values())
+    check = partial(check_image, data, settings.max_upload_bytes, settings.max_upload_pixels, heif_types=heif_types)
+    # HEIC and HEIF are never decoded here (their header is all that is read): no decode to queue.
+    if heif_format(data) is not None or (declared_pixels(data) or INLINE_DECODE_PIXELS + 1) <= INLINE_DECODE_PIXELS:
         return await asyncio.to_thread(check)
     # Large (or unreadable) images wait their turn in the pool datasets decode in, on a
     # low-priority thread, instead of taking every core from other projects.

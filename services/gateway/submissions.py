@@ -1,29 +1,48 @@
-"""Accepting a job: check what pydantic cannot (limits from settings, the webhook's host, the
-uploads and dataset it names), resolve its group, then store it queued in one atomic call."""
+"""Accepting a job: check what pydantic cannot (limits from settings, what the Gemini model takes,
+the webhook's host, the uploads and dataset it names), resolve its group, then store it queued in
+one atomic call."""
 
 import asyncio
+from collections.abc import Sequence
 
 from services.gateway.deps import Services
 from services.gateway.schemas.jobs import JobAccepted, JobLinks
+from services.gateway.schemas.uploads import UploadInfo
 from shared import keys, planning
 from shared.errors import Invalid, MissingKeys
+from shared.gemini_models import GeminiModel, prompt_bytes, reference_bytes, spec_for
 from shared.ids import is_id
 from shared.models import AutomaticJobRequest, SemiAutoJobRequest
 from shared.planning import JobConfig
 from shared.settings import Settings
 from shared.webhook_safety import webhook_url_problem
 
+SHOWN = 10  # ids named in one message
+# Upload records parsed on the event loop at once (some 4 us each); more go to a thread, so a
+# 20,000-input job does not hold up every other request.
+INLINE_RECORDS = 500
 
-async def submit(services: Services, project: str, config: JobConfig, retry_of: str | None = None) -> JobAccepted:
-    """Queue the job; Invalid (nothing stored) if anything it names or asks for is not allowed."""
+
+async def submit(
+    services: Services,
+    project: str,
+    config: JobConfig,
+    retry_of: str | None = None,
+    *,
+    model: GeminiModel | None = None,
+) -> JobAccepted:
+    """Queue the job; Invalid (nothing stored) if anything it names or asks for is not allowed.
+    `model`: what Gemini takes, by default the configured model's (settings.gemini_model)."""
+    model = model or spec_for(services.settings.gemini_model)
     if isinstance(config, AutomaticJobRequest) and config.dataset_id:
         inputs = await services.datasets.input_ids(project, config.dataset_id)
         if inputs is None:
             raise Invalid(f"Unknown dataset_id {config.dataset_id!r}: upload it with POST /api/datasets.")
         # The job keeps the dataset's ids: later changes to the dataset do not change the job.
         config = config.model_copy(update={"input_ids": inputs})
-    upload_ids = await _check_limits(config, services.settings)
+    upload_ids = await _check_limits(config, services.settings, model)
     required = [keys.upload(project, upload_id) for upload_id in upload_ids]
+    await _check_uploads(services, project, config, model, upload_ids, required)
     store = services.store
     dataset_id = config.dataset_id if isinstance(config, AutomaticJobRequest) else None
     try:
@@ -42,10 +61,7 @@ async def submit(services: Services, project: str, config: JobConfig, retry_of: 
                 dataset_id=dataset_id,
             )
     except MissingKeys as exc:
-        missing = [upload_ids[i] for i in exc.indices]
-        raise Invalid(
-            f"Unknown upload ids: {', '.join(missing[:10])}. Upload the images with POST /api/uploads first."
-        ) from None
+        raise _unknown([upload_ids[i] for i in exc.indices]) from None
     return JobAccepted(id=job.id, status=job.status, links=links(job.id))
 
 
@@ -56,7 +72,13 @@ def links(job_id: str) -> JobLinks:
     )
 
 
-async def _check_limits(config: JobConfig, settings: Settings) -> list[str]:
+def _unknown(upload_ids: Sequence[str]) -> Invalid:
+    return Invalid(
+        f"Unknown upload ids: {', '.join(upload_ids[:SHOWN])}. Upload the images with POST /api/uploads first."
+    )
+
+
+async def _check_limits(config: JobConfig, settings: Settings, model: GeminiModel) -> list[str]:
     """Returns the distinct upload ids the job names, whose existence the create call checks."""
     prompts = config.prompts if isinstance(config, SemiAutoJobRequest) else [config.base_prompt]
     too_long = [n for n, prompt in enumerate(prompts) if len(prompt) > settings.max_prompt_chars]
@@ -67,12 +89,12 @@ async def _check_limits(config: JobConfig, settings: Settings) -> list[str]:
         upload_ids = config.reference_ids
         if len(config.prompts) > settings.max_prompts:
             raise Invalid(f"Too many prompts: {len(config.prompts)}; at most {settings.max_prompts}.")
-        if len(upload_ids) > settings.max_references:
-            raise Invalid(f"Too many reference images: {len(upload_ids)}; at most {settings.max_references}.")
+        _check_reference_count(len(upload_ids), settings, model)
     else:
         upload_ids = config.input_ids
         if len(upload_ids) > settings.max_inputs_per_job:
             raise Invalid(f"Too many input images: {len(upload_ids)}; at most {settings.max_inputs_per_job}.")
+    _check_params(config, model)
     if config.webhook_url:
         problem = await asyncio.to_thread(webhook_url_problem, config.webhook_url, settings.allow_private_webhooks)
         if problem:
@@ -81,3 +103,86 @@ async def _check_limits(config: JobConfig, settings: Settings) -> list[str]:
     if total > settings.max_images_per_job:
         raise Invalid(f"The job asks for {total} images; at most {settings.max_images_per_job} per job.")
     return list(dict.fromkeys(upload_ids))
+
+
+def _check_reference_count(count: int, settings: Settings, model: GeminiModel) -> None:
+    if count > model.max_references:
+        raise Invalid(f"Too many reference images: {count}; {model.name} takes at most {model.max_references}.")
+    if settings.max_references is not None and count > settings.max_references:
+        raise Invalid(
+            f"Too many reference images: {count}; at most {settings.max_references} here "
+            f"(the service's limit; {model.name} takes up to {model.max_references})."
+        )
+
+
+def _check_params(config: JobConfig, model: GeminiModel) -> None:
+    params = config.params
+    if params.image_size is not None and params.image_size not in model.image_sizes:
+        if not model.image_sizes:
+            raise Invalid(
+                f"params.image_size: {model.name} does not take image_size; it makes one resolution per aspect ratio."
+            )
+        raise Invalid(f"params.image_size {params.image_size!r}: {model.name} takes {', '.join(model.image_sizes)}.")
+    if params.aspect_ratio is not None and params.aspect_ratio not in model.aspect_ratios:
+        raise Invalid(
+            f"params.aspect_ratio {params.aspect_ratio!r}: {model.name} takes {', '.join(model.aspect_ratios)}."
+        )
+
+
+async def _check_uploads(
+    services: Services,
+    project: str,
+    config: JobConfig,
+    model: GeminiModel,
+    upload_ids: list[str],
+    record_keys: list[str],
+) -> None:
+    """What the uploads are, from their records (one MGET, no object read): each of a type the
+    model takes, and each Gemini call's body (its references base64-encoded, and the prompt) within
+    the model's inline request limit. The create call checks again that the records exist."""
+    if not upload_ids:
+        return
+    raw = await services.redis.mget(record_keys)
+    missing = [upload_id for upload_id, value in zip(upload_ids, raw, strict=True) if value is None]
+    if missing:
+        raise _unknown(missing)
+    infos = await _parsed(upload_ids, raw)
+    role = "Reference" if isinstance(config, SemiAutoJobRequest) else "Input"
+    refused = [upload_id for upload_id, info in infos.items() if f"image/{info.format}" not in model.reference_types]
+    if refused:
+        formats = sorted({infos[upload_id].format.upper() for upload_id in refused})
+        taken = ", ".join(sorted(kind.removeprefix("image/").upper() for kind in model.reference_types))
+        raise Invalid(
+            f"{role} images of a type {model.name} does not take ({', '.join(formats)}): "
+            f"{', '.join(refused[:SHOWN])}. It takes {taken}."
+        )
+    limit = model.max_request_bytes
+    if isinstance(config, SemiAutoJobRequest):
+        # Every call carries all the references (repeats too) with one prompt: the longest is the largest.
+        prompt = max(config.prompts, key=prompt_bytes)
+        size = model.request_bytes(prompt, [infos[upload_id].bytes for upload_id in config.reference_ids])
+        if size > limit:
+            raise Invalid(
+                f"The reference images make each Gemini request {size:,} bytes (sent base64-encoded, with "
+                f"the prompt); {model.name} takes at most {limit:,} bytes per request. "
+                "Use fewer or smaller reference images."
+            )
+        return
+    # An automatic job's call carries one input with the base prompt.
+    fixed = model.request_bytes(config.base_prompt, ())
+    oversized = [upload_id for upload_id, info in infos.items() if fixed + reference_bytes(info.bytes) > limit]
+    if oversized:
+        largest = fixed + reference_bytes(max(infos[upload_id].bytes for upload_id in oversized))
+        raise Invalid(
+            f"Input images too large for one Gemini request: {', '.join(oversized[:SHOWN])} ({len(oversized)} in "
+            f"all). Each is sent base64-encoded with the base prompt; the largest makes a request of {largest:,} "
+            f"bytes, and {model.name} takes at most {limit:,} bytes per request."
+        )
+
+
+async def _parsed(upload_ids: list[str], raw: list[str]) -> dict[str, UploadInfo]:
+    def parse() -> dict[str, UploadInfo]:
+        pairs = zip(upload_ids, raw, strict=True)
+        return {upload_id: UploadInfo.model_validate_json(value) for upload_id, value in pairs}
+
+    return parse() if len(raw) <= INLINE_RECORDS else await asyncio.to_thread(parse)

@@ -25,7 +25,7 @@ MAX_FILES = 100  # per request; /api/datasets takes more
     ),
 )
 async def create_uploads(
-    files: Annotated[list[UploadFile], File(min_length=1, description="PNG, JPEG or WEBP images")],
+    files: Annotated[list[UploadFile], File(min_length=1, description="PNG, JPEG, WEBP or HEIC/HEIF images")],
     project: ProjectDep,
     services: ServicesDep,
 ) -> UploadsCreated:
