@@ -24,7 +24,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy shared services deploy bench bunch_cli tests worker/handler.py worker/gemini_client.py
+	$(BIN)/mypy shared services deploy bench bunch_cli tests $(wildcard worker/*.py)
 
 check: lint typecheck test
 

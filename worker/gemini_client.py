@@ -1,73 +1,41 @@
-"""Gemini image generation for the worker: settings, one shared client, retries and outcome mapping.
+"""Gemini image generation for the worker: one shared client, and the attempts of one image.
 
 Deployed alone with handler.py (no `shared` package in the image), so it depends only on the SDK.
+What each failure means and whether it is retried is decided in failures.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import math
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-import aiohttp
-import httpx
+from failures import (
+    RUN_WIDE_REASONS,
+    Failure,
+    FailureReason,
+    GeneratedImage,
+    Retry,
+    classify_error,
+    classify_response,
+    short,
+)
 from google import genai
-from google.genai import errors, types
+from google.genai import types
+from run_control import Deadline, RunBreaker
+from worker_settings import WorkerSettings
 
 log = logging.getLogger("bunch.worker.gemini")
 
-FailureReason = Literal["safety_blocked", "no_image", "upstream_error"]
-
-# Finish reasons that mean "the model refused on policy grounds" rather than "it produced no image".
-SAFETY_FINISH_REASONS = frozenset(
-    {"IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII"}
-)
-# 408/429 are the only 4xx worth repeating; every other 4xx would fail identically again.
-RETRYABLE_CLIENT_CODES = frozenset({408, 429})
-# The SDK's aiohttp transport raises asyncio/aiohttp errors; its httpx transport raises httpx ones.
-TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
-    TimeoutError,
-    aiohttp.ClientError,
-    httpx.TransportError,
-)
-DETAIL_MAX_CHARS = 300
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """Every environment knob of the worker, read in one place."""
-
-    api_key: str
-    base_url: str | None
-    timeout_seconds: float
-    max_attempts: int
-    backoff_max_seconds: float
-    backoff_base_seconds: float
-    concurrency: int
-    max_parallel_calls: int
-    transfer_max_attempts: int
-    transfer_backoff_max_seconds: float
-
-    @classmethod
-    def from_env(cls) -> WorkerSettings:
-        env = os.environ
-        return cls(
-            api_key=env.get("GEMINI_API_KEY", ""),
-            base_url=env.get("GEMINI_BASE_URL") or None,
-            timeout_seconds=float(env.get("GEMINI_TIMEOUT_SECONDS", "120")),
-            max_attempts=max(1, int(env.get("GEMINI_MAX_ATTEMPTS", "6"))),
-            backoff_max_seconds=float(env.get("GEMINI_BACKOFF_MAX_SECONDS", "30")),
-            backoff_base_seconds=float(env.get("GEMINI_BACKOFF_BASE_SECONDS", "1")),
-            concurrency=max(1, int(env.get("WORKER_CONCURRENCY", "4"))),
-            max_parallel_calls=max(1, int(env.get("GEMINI_MAX_PARALLEL", "16"))),
-            transfer_max_attempts=max(1, int(env.get("TRANSFER_MAX_ATTEMPTS", "5"))),
-            transfer_backoff_max_seconds=float(env.get("TRANSFER_BACKOFF_MAX_SECONDS", "10")),
-        )
+# A retry that would get less than this share of its timeout before the run's deadline is not sent:
+# it could not finish, and Gemini may still bill the image it starts.
+MIN_CALL_SHARE = 0.1
+# The SDK's own per-request timeout trails ours, so a slow call always ends as our TimeoutError.
+SDK_TIMEOUT_MARGIN_SECONDS = 1.0
 
 
 def backoff_delay(attempt: int, base: float, cap: float, hint: float | None = None) -> float:
@@ -92,7 +60,7 @@ def get_client(settings: WorkerSettings) -> genai.Client:
     Recreating a client per request closes connections under in-flight calls, hence the cache.
     """
     global _client, _client_key
-    # The timeout is not part of the key: generate_image bounds each call itself with the current value.
+    # The timeout is not part of the key: build_config sets each call's own.
     key = (settings.api_key, settings.base_url)
     if _client is None or _client_key != key:
         http_options = types.HttpOptions(
@@ -125,16 +93,25 @@ class ImageResult:
     mime_type: str | None = None
     error: FailureReason | None = None
     detail: str | None = None
+    # Summed over every answered attempt: each one was billed.
     prompt_tokens: int = 0
     output_tokens: int = 0
 
 
-def build_config(aspect_ratio: str | None, image_size: str | None) -> types.GenerateContentConfig:
+def build_config(
+    aspect_ratio: str | None, image_size: str | None, timeout_seconds: float | None = None
+) -> types.GenerateContentConfig:
     config = types.GenerateContentConfig(
         response_modalities=["IMAGE"],
         # No tools are passed; disabling AFC also drops the SDK's per-call "AFC is enabled" log line.
         automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
     )
+    if timeout_seconds is not None:
+        # Per request (google/genai/_api_client.py patch_http_options): the shared client's timeout was
+        # frozen when it was built, a run's limits may allow longer. It also sets X-Server-Timeout.
+        config.http_options = types.HttpOptions(
+            timeout=math.ceil((timeout_seconds + SDK_TIMEOUT_MARGIN_SECONDS) * 1000)
+        )
     if aspect_ratio is not None or image_size is not None:
         # Only the fields the run asked for: unset ones leave the model's own defaults in charge.
         config.image_config = types.ImageConfig()
@@ -145,84 +122,40 @@ def build_config(aspect_ratio: str | None, image_size: str | None) -> types.Gene
     return config
 
 
-def retry_delay_hint(error: errors.APIError) -> float | None:
-    """Seconds from a google.rpc.RetryInfo in the error body ("37s", "0.5s"), if the server sent one."""
-    body = error.details
-    if not isinstance(body, dict):
-        return None
-    inner = body.get("error", body)
-    details = inner.get("details") if isinstance(inner, dict) else None
-    for detail in details if isinstance(details, list) else []:
-        if not isinstance(detail, dict) or not str(detail.get("@type", "")).endswith("RetryInfo"):
-            continue
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)s\s*", str(detail.get("retryDelay", "")))
-        if match:
-            return float(match.group(1))
-    return None
+class _Attempts:
+    """The running tally of one image's attempts: tokens billed so far and the answer to give."""
 
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.output_tokens = 0
 
-def _short(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= DETAIL_MAX_CHARS else text[: DETAIL_MAX_CHARS - 1] + "…"
+    def count(self, response: types.GenerateContentResponse) -> None:
+        usage = response.usage_metadata
+        if usage:
+            self.prompt_tokens += usage.prompt_token_count or 0
+            self.output_tokens += usage.candidates_token_count or 0
 
-
-def _enum_name(value: Any) -> str | None:
-    if value is None:
-        return None
-    return str(getattr(value, "value", value))
-
-
-def interpret_response(response: types.GenerateContentResponse) -> ImageResult:
-    """Map a 200 response to an image or to the reason there is none."""
-    usage = response.usage_metadata
-    tokens_in = (usage.prompt_token_count or 0) if usage else 0
-    tokens_out = (usage.candidates_token_count or 0) if usage else 0
-
-    def failed(error: FailureReason, detail: str) -> ImageResult:
+    def success(self, image: GeneratedImage) -> ImageResult:
         return ImageResult(
-            ok=False, error=error, detail=_short(detail), prompt_tokens=tokens_in, output_tokens=tokens_out
-        )
+            ok=True, data=image.data, mime_type=image.mime_type,
+            prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
+        )  # fmt: skip
 
-    # Gemini 3 may stream interim "thought" images before the final one: the last image is the answer.
-    image = None
-    for part in response.parts or []:
-        if part.inline_data is not None and part.inline_data.data:
-            image = part.inline_data
-    if image is not None:
-        mime_type = image.mime_type or "image/png"
+    def failure(self, reason: FailureReason, detail: str) -> ImageResult:
         return ImageResult(
-            ok=True, data=image.data, mime_type=mime_type, prompt_tokens=tokens_in, output_tokens=tokens_out
-        )
-
-    feedback = response.prompt_feedback
-    block_reason = _enum_name(feedback.block_reason) if feedback else None
-    if block_reason:
-        return failed("safety_blocked", f"prompt blocked: {block_reason}")
-    candidate = response.candidates[0] if response.candidates else None
-    finish = _enum_name(candidate.finish_reason) if candidate else None
-    if finish in SAFETY_FINISH_REASONS:
-        message = candidate.finish_message if candidate else None
-        return failed("safety_blocked", f"finish reason {finish}" + (f": {message}" if message else ""))
-    text = "".join(p.text for p in response.parts or [] if p.text)
-    return failed(
-        "no_image", f"no image in response (finish reason {finish or 'none'})" + (f": {text}" if text else "")
-    )
+            ok=False, error=reason, detail=short(detail),
+            prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
+        )  # fmt: skip
 
 
-def _is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, errors.ServerError):
-        return True
-    if isinstance(exc, errors.ClientError):
-        return exc.code in RETRYABLE_CLIENT_CODES
-    return isinstance(exc, TRANSIENT_EXCEPTIONS)
+def _attempts(count: int) -> str:
+    return f"{count} attempt" + ("" if count == 1 else "s")
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, errors.APIError):
-        return _short(f"{exc.code} {exc.status or ''}: {exc.message or ''}")
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return _short(f"{type(exc).__name__}: {exc}")
+def _stopped(tally: _Attempts, breaker: RunBreaker, sent: int) -> ImageResult:
+    assert breaker.reason is not None
+    what = "not attempted" if sent == 0 else f"not retried after {_attempts(sent)}"
+    return tally.failure(breaker.reason, f"{what}: {breaker.detail}")
 
 
 async def generate_image(
@@ -232,29 +165,59 @@ async def generate_image(
     references: Sequence[Reference],
     aspect_ratio: str | None = None,
     image_size: str | None = None,
+    deadline: Deadline | None = None,
+    breaker: RunBreaker | None = None,
 ) -> ImageResult:
-    """One Gemini call (one image), retried on 429/5xx/timeouts. Never raises for upstream problems."""
+    """One image: Gemini calls until one answers with it, a failure is final, the attempts run out,
+    the deadline leaves no room for another, or the breaker trips. Never raises for upstream problems."""
+    deadline = deadline or Deadline(None)
+    breaker = breaker or RunBreaker()
     client = get_client(settings)
     contents: list[Any] = [prompt]
     contents += [types.Part.from_bytes(data=ref.data, mime_type=ref.mime_type) for ref in references]
-    config = build_config(aspect_ratio, image_size)
+    tally = _Attempts()
+    retried_flaky = False
     for attempt in range(1, settings.max_attempts + 1):
+        if breaker.tripped:
+            return _stopped(tally, breaker, attempt - 1)
+        timeout = deadline.cap(settings.timeout_seconds)
+        if timeout <= 0:
+            return tally.failure("upstream_error", f"not attempted: {deadline.describe()} was used up")
+        config = build_config(aspect_ratio, image_size, timeout)
+        failure: Failure
         try:
-            # The SDK's timeout is frozen when the shared client is built; this one follows the current setting.
-            async with asyncio.timeout(settings.timeout_seconds):
+            # The authoritative bound: the run's deadline may be nearer than the configured timeout.
+            async with asyncio.timeout(timeout):
                 response = await client.aio.models.generate_content(model=model, contents=contents, config=config)
         except Exception as exc:
-            if not _is_retryable(exc):
-                log.warning("gemini call failed, not retryable: %s", _describe(exc))
-                return ImageResult(ok=False, error="upstream_error", detail=_describe(exc))
-            if attempt == settings.max_attempts:
-                detail = f"gave up after {attempt} attempts: {_describe(exc)}"
-                log.warning("gemini call failed: %s", detail)
-                return ImageResult(ok=False, error="upstream_error", detail=_short(detail))
-            hint = retry_delay_hint(exc) if isinstance(exc, errors.APIError) else None
+            failure = classify_error(exc, timeout)
+            if failure.reason in RUN_WIDE_REASONS:
+                log.warning("%s: the run's other items will not be sent: %s", failure.reason, failure.detail)
+                breaker.trip(failure.reason, failure.detail)
+        else:
+            tally.count(response)
+            outcome = classify_response(response)
+            if isinstance(outcome, GeneratedImage):
+                return tally.success(outcome)
+            failure = outcome
+
+        # The handler logs each item's final outcome; only retries are logged here.
+        if failure.retry is Retry.NEVER:
+            return tally.failure(failure.reason, failure.detail)
+        if failure.retry is Retry.ONCE and retried_flaky:
+            return tally.failure(failure.reason, f"again after one retry: {failure.detail}")
+        if attempt == settings.max_attempts:
+            return tally.failure(failure.reason, f"gave up after {_attempts(attempt)}: {failure.detail}")
+        if failure.retry is Retry.ONCE:
+            # A model answer, not an overload: nothing to wait for.
+            retried_flaky, delay = True, 0.0
+        else:
+            hint = failure.retry_after
             delay = backoff_delay(attempt, settings.backoff_base_seconds, settings.backoff_max_seconds, hint)
-            log.info("gemini attempt %d failed (%s), retrying in %.2fs", attempt, _describe(exc), delay)
-            await asyncio.sleep(delay)
-            continue
-        return interpret_response(response)
+        if not deadline.allows(delay, then=MIN_CALL_SHARE * settings.timeout_seconds):
+            detail = f"gave up after {_attempts(attempt)}, {deadline.describe()} leaves no room for another"
+            return tally.failure(failure.reason, f"{detail}: {failure.detail}")
+        log.info("gemini attempt %d failed (%s), retrying in %.2fs", attempt, failure.detail, delay)
+        if await breaker.sleep(delay):
+            return _stopped(tally, breaker, attempt)
     raise AssertionError("unreachable: the loop returns on its last attempt")
