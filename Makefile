@@ -7,10 +7,11 @@ BIN    := $(VENV)/bin
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The worker's pins constrain the services' install too, so the tests run the versions the worker ships.
+$(VENV)/.installed: pyproject.toml worker/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -e '.[dev,bench]' -c worker/requirements.txt
 	touch $@
 
 dev: install  ## the whole stack on free ports: redis, S3 (moto), emulators, gateway, dispatcher, packager
