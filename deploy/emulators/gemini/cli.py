@@ -1,0 +1,60 @@
+"""Running the emulator: as a process (`python -m deploy.emulators.gemini`) or from Python via start()."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from deploy.emulators.gemini.app import create_app
+from deploy.emulators.gemini.state import IMAGE_MODES
+from deploy.processes import Process, base_env, free_port, python, wait_http
+
+
+def start(
+    workdir: Path,
+    port: int | None = None,
+    latency_ms: int = 0,
+    image_px: int = 256,
+    api_keys: Sequence[str] | None = None,
+) -> tuple[Process, str]:
+    """The emulator as a subprocess on a free port (tests, `make dev`, bench); returns it and its base URL."""
+    port = port or free_port()
+    args = python(
+        "-m", "deploy.emulators.gemini", "--host", "127.0.0.1", "--port", str(port),
+        "--latency-ms", str(latency_ms), "--image-px", str(image_px),
+    )  # fmt: skip
+    for key in api_keys or ():
+        args += ["--api-key", key]
+    proc = Process("gemini", args, base_env(), workdir / "gemini.log").start()
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/_emulator/stats", proc)
+    return proc, url
+
+
+def main(argv: list[str] | None = None, description: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.emulators.gemini",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--latency-ms", type=int, default=0)
+    parser.add_argument("--image-px", type=int, default=256)
+    parser.add_argument(
+        "--api-key", action="append", dest="api_keys", metavar="KEY",
+        help="a key that works (repeatable); without it any non-empty key does",
+    )  # fmt: skip
+    parser.add_argument("--image-mode", choices=IMAGE_MODES, default="small")
+    args = parser.parse_args(argv)
+    app = create_app(
+        latency_ms=args.latency_ms, image_px=args.image_px, api_keys=args.api_keys, image_mode=args.image_mode
+    )
+    # A caller that gives up (client timeout) ends its call here too, as it does at Google: hanging and
+    # sleeping calls stop, and they are not counted in the stats as answered.
+    web.run_app(
+        app, host=args.host, port=args.port, handler_cancellation=True, print=lambda msg: print(msg, flush=True)
+    )
