@@ -155,6 +155,8 @@ def median(values: Sequence[float]) -> float:
 def start_sleep_emulator(workdir: Path, workers: int, sleep_ms: int) -> tuple[Process, str]:
     """The RunPod emulator with `--sleep-ms`: every run only sleeps (no handler, no Gemini).
 
+    `--full-sleep-ms 0`: a full worker takes its next job as soon as a slot frees, instead of the
+    real SDK's 1 s nap (rp_scale.get_jobs), so the benchmarks measure Bunch, not that nap.
     start_stack cannot do this itself: it always passes `--handler`, which argparse refuses
     together with `--sleep-ms` (one mutually exclusive group).
     """
@@ -173,6 +175,8 @@ def start_sleep_emulator(workdir: Path, workers: int, sleep_ms: int) -> tuple[Pr
         "emulator-key",
         "--sleep-ms",
         str(sleep_ms),
+        "--full-sleep-ms",
+        "0",
         "--log-level",
         "WARNING",
     )

@@ -32,6 +32,7 @@ HA_PASSWORD = "local-redis-password"
 HA_SENTINEL_PASSWORD = "local-sentinel-password"
 DEV_PROJECT = "dev"
 EMULATOR_KEY = "emulator-key"
+GEMINI_MODULE = ("-m", "deploy.emulators.gemini", "--host", "127.0.0.1")
 SERVICES = ("gateway", "dispatcher", "packager")
 EMULATORS = ("gemini", "runpod")
 
@@ -132,7 +133,8 @@ def start_stack(
     """Start the stack in `workdir`. `redis_appendonly` turns AOF on (appendfsync everysec), so
     `Stack.restart_redis` finds the data again; `redis_ha` runs Redis behind Sentinel
     (deploy/redis_ha.py, passwords on); `worker_env` reaches the worker handler inside the RunPod
-    emulator (e.g. GEMINI_TIMEOUT_SECONDS)."""
+    emulator (e.g. GEMINI_TIMEOUT_SECONDS); `runpod_workers` is how many runs RunPod holds at once
+    (worker processes x WORKER_CONCURRENCY)."""
     workdir.mkdir(parents=True, exist_ok=True)
     processes: dict[str, Process] = {}
     ha: RedisHA | None = None
@@ -151,14 +153,25 @@ def start_stack(
         gemini_url = f"http://127.0.0.1:{gemini_port}"
         processes["gemini"] = Process(
             "gemini",
-            python("-m", "deploy.emulators.gemini", "--host", "127.0.0.1", "--port", str(gemini_port), *gemini_args),
+            python(*GEMINI_MODULE, "--port", str(gemini_port), "--api-key", EMULATOR_KEY, *gemini_args),
             base_env(),
             workdir / "gemini.log",
         ).start()
 
         runpod_port = free_port()
         runpod_url = f"http://127.0.0.1:{runpod_port}"
-        runpod_env = base_env({"GEMINI_BASE_URL": gemini_url, "GEMINI_API_KEY": EMULATOR_KEY, **(worker_env or {})})
+        # `runpod_workers` is the endpoint's capacity in concurrent jobs. Each worker process is the
+        # real runpod SDK running worker/handler.py (~2 s of imports) and holds WORKER_CONCURRENCY
+        # jobs, so the fewest processes that give that capacity are started.
+        worker_concurrency = int((worker_env or {}).get("WORKER_CONCURRENCY", "4"))
+        runpod_env = base_env(
+            {
+                "GEMINI_BASE_URL": gemini_url,
+                "GEMINI_API_KEY": EMULATOR_KEY,
+                "WORKER_CONCURRENCY": str(worker_concurrency),
+                **(worker_env or {}),
+            }
+        )
         processes["runpod"] = Process(
             "runpod",
             python(
@@ -169,7 +182,7 @@ def start_stack(
                 "--port",
                 str(runpod_port),
                 "--workers",
-                str(runpod_workers),
+                str(max(1, -(-runpod_workers // max(1, worker_concurrency)))),
                 "--api-key",
                 EMULATOR_KEY,
                 "--handler",

@@ -1,0 +1,3 @@
+from deploy.emulators.runpod.cli import main
+
+main()
