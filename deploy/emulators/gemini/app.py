@@ -50,12 +50,13 @@ def directives(text: str) -> dict[str, int | None]:
 # --- checks before generating ----------------------------------------------------------------------------
 
 
-def authenticate(request: web.Request, api_keys: frozenset[str] | None) -> None:
-    """The key from x-goog-api-key (what google-genai sends, _api_client.py) or ?key= (REST docs)."""
+def authenticate(request: web.Request, api_keys: frozenset[str] | None, revoked: tuple[str, ...] = ()) -> None:
+    """The key from x-goog-api-key (what google-genai sends, _api_client.py) or ?key= (REST docs).
+    A key deleted in Google's console answers like one that never existed."""
     key = (request.headers.get("x-goog-api-key") or request.query.get("key") or "").strip()
     if not key:
         raise errors.bad_oauth_token() if request.headers.get("Authorization") else errors.no_key()
-    if api_keys is not None and key not in api_keys:
+    if (api_keys is not None and key not in api_keys) or key in revoked:
         raise errors.api_key_invalid()
 
 
@@ -214,7 +215,7 @@ async def _generate(request: web.Request, state: EmulatorState) -> web.Response:
     model, _, method = request.match_info["tail"].partition(":")
     if version not in catalog.API_VERSIONS or method != "generateContent":
         raise errors.method_not_found(version, method)
-    authenticate(request, state.api_keys)
+    authenticate(request, state.api_keys, state.config.revoked_keys)
     spec = lookup_model(model, version)
     raw = await read_body(request, state.max_request_bytes)
     if len(raw) > PARSE_IN_THREAD_BYTES:

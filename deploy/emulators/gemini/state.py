@@ -28,6 +28,8 @@ class EmulatorConfig:
     daily_quota_images: int = 0
     latency_jitter_ms: int = 0
     image_mode: ImageMode = "small"
+    # Keys revoked at run time (deleted in Google's console): they answer 400 API_KEY_INVALID.
+    revoked_keys: tuple[str, ...] = ()
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,10 @@ def updated_config(config: EmulatorConfig, update: Any) -> EmulatorConfig:
             if not 0 <= _number(key, value) <= 1:
                 raise ConfigError(f"{key} must be within 0..1")
             changes[key] = float(value)
+        elif key == "revoked_keys":
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise ConfigError("revoked_keys must be a list of strings")
+            changes[key] = tuple(value)
         elif key == "daily_quota_images":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError("daily_quota_images must be an integer >= 0")
