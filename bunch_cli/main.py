@@ -547,6 +547,10 @@ def stats(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     for key, value in _flatten(body):
         table.add_row(escape(key), escape(str(value)))
     out.print(table)
+    if hold := body.get("upstream_hold"):
+        ends = f"resumes by itself at {hold['until']}" if hold.get("until") else "resumes when an operator releases it"
+        reason, detail = escape(str(hold["reason"])), escape(str(hold["detail"]))
+        err.print(f"[bold red]New runs are on hold[/] ({reason}): {detail}; {ends}.", soft_wrap=True)
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:

@@ -43,6 +43,10 @@ JOB_COUNTS = f"{PREFIX}:stats:jobs"  # hash job status -> jobs in it, all projec
 JOB_SEQUENCE = f"{PREFIX}:seq:jobs"  # counter giving FIFO order among equal priorities
 DISPATCH_BUCKET = f"{PREFIX}:ratelimit:dispatch"  # hash: token bucket for BUNCH_DISPATCH_RPM
 RUN_SECONDS = f"{PREFIX}:stats:run-seconds"  # hash: moving average of run durations
+# Hash {reason, detail, since, until}: no run starts while it exists (Gemini's daily quota is spent,
+# a key is refused); `until` 0 holds until an operator releases it (shared/stores/upstream_hold.py).
+UPSTREAM_HOLD = f"{PREFIX}:upstream:hold"
+RUNPOD_HEALTH = f"{PREFIX}:runpod:health"  # string: RunPod's last /health answer, as JSON
 
 
 def project_queue(project: str) -> str:

@@ -37,6 +37,13 @@ UNREPLICATED_WRITES = Counter(
     "Claim and outcome writes no replica confirmed within BUNCH_REDIS_WAIT_TIMEOUT_MS (WAIT)",
 )
 RUNPOD_ERRORS = Counter("bunch_runpod_errors_total", "RunPod failures by kind", ["kind"])
+# Alert on any increase: RunPod answered 401/403/405, so Bunch's RunPod key or endpoint is refused.
+RUNPOD_REFUSED = Counter(
+    "bunch_runpod_refused_total", "RunPod calls refused with 401, 403 or 405 (key or endpoint)", ["operation"]
+)
+UPSTREAM_HOLDS = Counter(
+    "bunch_upstream_holds_total", "Times the whole queue was held because every run would fail upstream", ["reason"]
+)
 GEMINI_ERRORS = Counter("bunch_gemini_errors_total", "Images that failed at Gemini, by reason", ["kind"])
 IMAGES = Counter("bunch_images_total", "Image outcomes recorded", ["status"])
 PACKAGING_BYTES = Counter("bunch_packaging_bytes_total", "Bytes of ZIPs written")

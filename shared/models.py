@@ -121,6 +121,18 @@ class WorkItem(BaseModel):
     output_url: str
 
 
+class RunLimits(BaseModel):
+    """How long the worker may spend on a run, from Bunch's settings, so that every retry it makes
+    ends inside RunPod's executionTimeout (shared/settings.py checks the sum at start-up)."""
+
+    gemini_timeout_seconds: float = Field(gt=0)
+    gemini_max_attempts: int = Field(ge=1)
+    gemini_backoff_max_seconds: float = Field(ge=0)
+    # Everything the run does (downloads, Gemini calls and their retries, uploads) ends this long
+    # after the worker starts it, successful or not: the rest of executionTimeout is a margin.
+    budget_seconds: float = Field(gt=0)
+
+
 class RunInput(BaseModel):
     task: Literal["semi_auto_generation", "automatic_generation"]
     job_id: str
@@ -129,6 +141,19 @@ class RunInput(BaseModel):
     model: str
     params: GenerationParams
     items: list[WorkItem]
+    limits: RunLimits | None = None
+
+
+# Why an image failed, as the worker reports it (ImageOutcome.error). The dispatcher reacts to the
+# class: QUOTA_EXHAUSTED and AUTH_FAILED pause the queue (every run would fail the same way).
+class FailureReason(StrEnum):
+    SAFETY_BLOCKED = "safety_blocked"  # final: the model refused on policy grounds
+    NO_IMAGE = "no_image"  # the model answered without an image (after one retry of NO_IMAGE/IMAGE_OTHER)
+    UPSTREAM_ERROR = "upstream_error"  # 5xx, timeouts, connection errors, after the retries
+    RATE_LIMITED = "rate_limited"  # per-minute quota (429) still exceeded after the retries
+    QUOTA_EXHAUSTED = "quota_exhausted"  # a daily quota: nothing succeeds before it resets
+    AUTH_FAILED = "auth_failed"  # missing or invalid key, no permission, billing not enabled
+    BAD_REQUEST = "bad_request"  # unknown model, unsupported parameter: the request itself is wrong
 
 
 class ImageOutcome(BaseModel):

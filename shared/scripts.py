@@ -96,6 +96,7 @@ KEY_NAMES: dict[str, str] = {
     "JOB_COUNTS": keys.JOB_COUNTS,
     "BUCKET": keys.DISPATCH_BUCKET,
     "RUN_SECONDS": keys.RUN_SECONDS,
+    "HOLD": keys.UPSTREAM_HOLD,
     "EVENTS": keys.EVENTS_STREAM,
     "PACKAGING": keys.PACKAGING_STREAM,
     "NOTIFY": keys.NOTIFICATIONS_STREAM,
@@ -199,6 +200,7 @@ def queue_figures(fields: Sequence[str] = ()) -> Script:
 RECORD_STARTED_AND_CLAIM = load("record_started_and_claim")
 QUEUE_FIGURES = queue_figures()
 SET_PAUSED = load("set_paused")
+HOLD_UPSTREAM = load("hold_upstream")
 SET_WEIGHTS = load("set_weights")
 RELEASE_RUN_SLOTS = load("release_run_slots")
 SET_PRIORITY = load("set_priority")

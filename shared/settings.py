@@ -3,7 +3,7 @@
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -71,7 +71,9 @@ class Settings(BaseSettings):
     # --- input limits ---
     max_upload_bytes: int = 20 * 1024 * 1024
     max_upload_pixels: int = 40_000_000
-    max_references: int = 3
+    # References per job; unset, the model's own limit (shared/gemini_models.py: 3 for
+    # gemini-2.5-flash-image, 14 for gemini-3-pro-image-preview). Set, the lower of the two.
+    max_references: int | None = Field(None, ge=0)
     max_prompts: int = 100
     max_prompt_chars: int = 4000
     max_images_per_job: int = 100_000
@@ -103,8 +105,21 @@ class Settings(BaseSettings):
     # A run whose webhook has not come by dispatch + execution estimate + this grace is polled.
     webhook_grace_seconds: float = 30.0
     poll_interval_seconds: float = 5.0
-    execution_timeout_seconds: int = 600
-    run_ttl_seconds: int = 24 * 3600
+    # RunPod's policy per run, within RunPod's bounds (executionTimeout 5 s - 7 d, ttl 10 s - 7 d).
+    # The ttl covers the wait in RunPod's queue and the execution: a run still running at its ttl is
+    # deleted, so it must exceed the execution timeout.
+    execution_timeout_seconds: int = Field(600, ge=5, le=7 * 24 * 3600)
+    run_ttl_seconds: int = Field(24 * 3600, ge=10, le=7 * 24 * 3600)
+    # /status answers of 401, 403 or 405 for one run (a rotated key, a deleted endpoint) before the
+    # run is given up on as lost instead of asked again.
+    poll_max_refusals: int = Field(5, ge=1)
+    # The share of RunPod's per-endpoint limits (/run 1,000 per 10 s and 200 at once, /status
+    # 2,000 per 10 s and 400 at once, /cancel 100 per 10 s and 20 at once) one dispatcher uses:
+    # 1/N with N dispatcher replicas, a little less to leave room for the CLI and the console.
+    runpod_limit_share: float = Field(0.9, gt=0, le=1)
+    # How often a dispatcher reads RunPod's /health (workers idle, running, throttled; jobs queued)
+    # for /api/queue/stats and the console (0: never).
+    runpod_health_interval_seconds: float = Field(15.0, ge=0)
     # What a worker reports is checked before it is stored (anyone holding a run's webhook token can
     # report): a claimed image larger than this, or a token count above the next, fails that image.
     # Gemini's image models return a few MB and take at most ~65k tokens per call.
@@ -128,6 +143,15 @@ class Settings(BaseSettings):
 
     # --- Gemini (read by the worker too, which has its own copy of these names) ---
     gemini_model: str = "gemini-2.5-flash-image"
+    # The worker's budget per image, sent with each run (shared.models.RunLimits): each Gemini call
+    # times out after gemini_timeout_seconds, a failed one is tried up to gemini_max_attempts times
+    # in all, waiting at most gemini_backoff_max_seconds between tries. All of it, plus
+    # worker_transfer_allowance_seconds for downloading references and uploading images (each
+    # transfer retried within it), must fit in execution_timeout_seconds.
+    gemini_timeout_seconds: float = Field(120.0, gt=0)
+    gemini_max_attempts: int = Field(3, ge=1)
+    gemini_backoff_max_seconds: float = Field(30.0, ge=0)
+    worker_transfer_allowance_seconds: float = Field(60.0, ge=0)
     # USD per generated image, by model (JSON in the environment), for the metrics' cost estimate.
     cost_per_image_usd: dict[str, float] = {"gemini-2.5-flash-image": 0.039, "gemini-3-pro-image-preview": 0.134}
 
@@ -200,6 +224,36 @@ class Settings(BaseSettings):
     s3_connect_timeout_seconds: float = Field(5.0, gt=0)
     s3_read_timeout_seconds: float = Field(60.0, gt=0)
     s3_retries: int = Field(5, ge=0)
+
+    @model_validator(mode="after")
+    def _runs_fit_runpod_policy(self) -> "Settings":
+        if self.run_ttl_seconds <= self.execution_timeout_seconds:
+            raise ValueError(
+                f"run_ttl_seconds ({self.run_ttl_seconds}) must exceed execution_timeout_seconds "
+                f"({self.execution_timeout_seconds}): RunPod's ttl covers the execution too"
+            )
+        needed = self.image_time_budget_seconds()
+        if needed > self.execution_timeout_seconds:
+            raise ValueError(
+                f"an image may take {needed:.0f} s (gemini_max_attempts {self.gemini_max_attempts} x "
+                f"gemini_timeout_seconds {self.gemini_timeout_seconds:g} + "
+                f"{self.gemini_max_attempts - 1} x gemini_backoff_max_seconds {self.gemini_backoff_max_seconds:g} "
+                f"+ worker_transfer_allowance_seconds {self.worker_transfer_allowance_seconds:g}), more than "
+                f"execution_timeout_seconds ({self.execution_timeout_seconds}): "
+                "RunPod would stop the run before its last attempt; "
+                "lower the attempts or the timeout, or raise execution_timeout_seconds"
+            )
+        return self
+
+    def image_time_budget_seconds(self) -> float:
+        """The longest one image may take on a worker: every attempt timing out, every wait at its
+        cap, references and upload included."""
+        attempts = self.gemini_max_attempts
+        return (
+            attempts * self.gemini_timeout_seconds
+            + (attempts - 1) * self.gemini_backoff_max_seconds
+            + self.worker_transfer_allowance_seconds
+        )
 
     @field_validator("runpod_base_url", "public_url", "s3_endpoint")
     @classmethod

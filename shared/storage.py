@@ -39,7 +39,6 @@ def _client(endpoint_url: str, settings: Settings, http: urllib3.PoolManager | N
 class Storage:
     def __init__(self, settings: Settings) -> None:
         self.bucket = settings.s3_bucket
-        self.expiry = timedelta(seconds=settings.presign_expiry_seconds)
         self.expiry_seconds = settings.presign_expiry_seconds
         retries = urllib3.Retry(total=settings.s3_retries, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504))
         timeout = urllib3.Timeout(connect=settings.s3_connect_timeout_seconds, read=settings.s3_read_timeout_seconds)
@@ -143,18 +142,23 @@ class Storage:
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self.client.remove_object, self.bucket, key)
 
-    def presigned_get(self, key: str, download_name: str | None = None) -> str:
+    def presigned_get(self, key: str, download_name: str | None = None, expires_seconds: int | None = None) -> str:
+        """A GET link valid `expires_seconds` (default: presign_expiry_seconds)."""
+        seconds = expires_seconds or self.expiry_seconds
         headers: Any = None
         if download_name:
             headers = {"response-content-disposition": f'attachment; filename="{download_name}"'}
         if self.presigner is not None:
-            return self.presigner.url("GET", self.bucket, key, self.expiry_seconds, headers)
-        return self.signer.presigned_get_object(self.bucket, key, expires=self.expiry, response_headers=headers)
+            return self.presigner.url("GET", self.bucket, key, seconds, headers)
+        return self.signer.presigned_get_object(
+            self.bucket, key, expires=timedelta(seconds=seconds), response_headers=headers
+        )
 
-    def presigned_put(self, key: str) -> str:
+    def presigned_put(self, key: str, expires_seconds: int | None = None) -> str:
+        seconds = expires_seconds or self.expiry_seconds
         if self.presigner is not None:
-            return self.presigner.url("PUT", self.bucket, key, self.expiry_seconds)
-        return self.signer.presigned_put_object(self.bucket, key, expires=self.expiry)
+            return self.presigner.url("PUT", self.bucket, key, seconds)
+        return self.signer.presigned_put_object(self.bucket, key, expires=timedelta(seconds=seconds))
 
     # --- blocking, for code that already runs in a thread (the packager's ZIP writer) ---
 

@@ -29,6 +29,7 @@ from shared.settings import Settings
 from shared.storage import Storage
 from shared.stores.jobs import JobStore
 from shared.stores.runs import RunStore
+from shared.stores.upstream import UpstreamStore
 
 API_KEY = "wakeups-test-key"
 IDLE_WAIT = 30.0  # the dispatcher's poll: far longer than any bound below
@@ -70,7 +71,9 @@ async def running_dispatcher(settings: Settings, runpod_url: str) -> AsyncIterat
     async with aiohttp.ClientSession() as session:
         runpod = RunPodClient(session, f"{runpod_url}/v2", "wakeups", API_KEY)
         runs = RunStore(redis, settings)
-        dispatcher = Dispatcher(runs, ConfigCache(store), Storage(settings), runpod, settings, wakeup)
+        dispatcher = Dispatcher(
+            runs, ConfigCache(store), Storage(settings), runpod, settings, wakeup, UpstreamStore(redis)
+        )
         loops = [
             asyncio.create_task(dispatcher.run(stop, idle_wait=IDLE_WAIT)),
             asyncio.create_task(JobWakeups(redis, wakeup).run(stop_wakeups)),

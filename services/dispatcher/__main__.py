@@ -7,6 +7,7 @@ import uvloop
 
 from services.dispatcher.configs import ConfigCache
 from services.dispatcher.dispatch import Dispatcher
+from services.dispatcher.health import HealthReader
 from services.dispatcher.poller import Poller
 from services.dispatcher.results import ResultHandler
 from services.dispatcher.runpod_client import RunPodClient
@@ -19,6 +20,7 @@ from shared.settings import Settings
 from shared.storage import Storage
 from shared.stores.jobs import JobStore
 from shared.stores.runs import RunStore
+from shared.stores.upstream import UpstreamStore
 from shared.streams import StreamConsumer, consumer_name
 
 
@@ -39,10 +41,12 @@ async def main(settings: Settings) -> None:
             settings.runpod_endpoint_id,
             settings.runpod_api_key.get_secret_value(),
             attempts=settings.runpod_request_attempts,
+            limit_share=settings.runpod_limit_share,
         )
         configs = ConfigCache(store)
-        dispatcher = Dispatcher(runs, configs, storage, runpod, settings, wakeup)
-        results = ResultHandler(runs, configs, settings, dispatcher.complete, storage)
+        upstream = UpstreamStore(redis)
+        dispatcher = Dispatcher(runs, configs, storage, runpod, settings, wakeup, upstream)
+        results = ResultHandler(runs, configs, settings, dispatcher.complete, storage, upstream)
 
         async def record_result(fields: dict[str, str]) -> None:
             await results(fields)
@@ -60,15 +64,23 @@ async def main(settings: Settings) -> None:
             claim_idle_ms=idle,
             concurrency=settings.result_verify_concurrency,
         )
+        # With a heartbeat: a bulk cancel waits on RunPod's /cancel limit and may take minutes.
         control = StreamConsumer(
-            redis, keys.CONTROL_STREAM, keys.DISPATCHER_GROUP, name, dispatcher.handle_control, claim_idle_ms=idle
+            redis,
+            keys.CONTROL_STREAM,
+            keys.DISPATCHER_GROUP,
+            name,
+            dispatcher.handle_control,
+            claim_idle_ms=idle,
+            heartbeat=True,
         )
         poller = Poller(runs, redis, runpod, settings)
+        health = HealthReader(runpod, upstream, settings.runpod_health_interval_seconds)
         # No stream for new jobs: create.lua queues each one itself and only announces it on Pub/Sub.
         wakeups = JobWakeups(redis, wakeup)
         exporter = await metrics.serve(redis, settings.metrics_port) if settings.metrics_port else None
         settle_garbage_collector()
-        await run_until_signalled([wakeups.run, outcomes.run, control.run, dispatcher.run, poller.run])
+        await run_until_signalled([wakeups.run, outcomes.run, control.run, dispatcher.run, poller.run, health.run])
         if exporter is not None:
             await exporter.cleanup()
     await redis.aclose()

@@ -18,6 +18,7 @@ from shared.settings import Settings
 from shared.storage import Storage
 from shared.stores.records import ClaimedRun, Claims, Completion, ImageRecord, StartedRun
 from shared.stores.runs import RunStore
+from shared.stores.upstream import UpstreamStore
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,10 @@ class Dispatcher:
         runpod: RunPodClient,
         settings: Settings,
         wakeup: asyncio.Event,
+        upstream: UpstreamStore,
     ) -> None:
         self.runs = runs
+        self.upstream = upstream
         self.configs = configs
         self.storage = storage
         self.runpod = runpod
@@ -187,11 +190,18 @@ class Dispatcher:
                 await self.cancel_on_runpod([run.runpod_id])
 
     async def cancel_on_runpod(self, runpod_ids: list[str]) -> None:
-        for runpod_id in runpod_ids:
+        """Cancel each on RunPod, as fast as the client's /cancel gate allows (a bulk cancel of
+        thousands takes minutes rather than meeting RunPod's limit and running out of retries)."""
+
+        async def cancel(runpod_id: str) -> None:
             try:
                 await self.runpod.cancel(runpod_id)
             except RunPodError as exc:
+                if exc.refused:
+                    metrics.RUNPOD_REFUSED.labels("cancel").inc()
                 log.warning("RunPod did not cancel %s: %s", runpod_id, exc)
+
+        await asyncio.gather(*(cancel(runpod_id) for runpod_id in runpod_ids))
 
     async def handle_control(self, fields: dict[str, str]) -> None:
         if fields.get("action") == "cancel":
@@ -200,6 +210,15 @@ class Dispatcher:
     async def _not_started(self, run: ClaimedRun, slots: Sequence[int], exc: RunPodError) -> None:
         run_id, attempt, claim = run
         ids = {"job_id": keys.split_run_id(run_id)[0], "run_id": run_id, "attempt": attempt}
+        if exc.refused:
+            # Every start would be refused the same way: hold the queue until an operator fixes
+            # the key or the endpoint, and keep this run (it never started) for then.
+            metrics.RUNPOD_REFUSED.labels("run").inc()
+            if await self.upstream.hold("runpod_auth_failed", f"RunPod refused /run: {exc}", None):
+                metrics.UPSTREAM_HOLDS.labels("runpod_auth_failed").inc()
+                log.error("RunPod refused run %s (%s): holding the queue", run_id, exc, extra=ids)
+            await self.runs.requeue(run_id, attempt, claim, time.time(), new_attempt=False, reason=str(exc))
+            return
         if exc.retryable:
             delay = backoff_delay(attempt, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
             log.warning("RunPod did not take run %s (%s); trying again in %.1fs", run_id, exc, delay, extra=ids)

@@ -1,6 +1,14 @@
-"""The fallback when a webhook is overdue: ask RunPod's /status and feed the answer to the same path."""
+"""The fallback when a webhook is overdue: ask RunPod's /status and feed the answer to the same path.
+
+Every run has a maximum age: dispatch time + RunPod ttl (which covers its queue and execution) +
+the webhook grace. Past it, RunPod has deleted the run whatever /status says or fails to say, so
+the run is given up on (retried as a new attempt, or failed) instead of being asked forever; and
+RunPod refusing /status (401/403/405: a rotated key, a deleted endpoint) counts toward giving up
+after `poll_max_refusals` answers, with an alert metric, rather than postponing without end.
+"""
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -12,6 +20,7 @@ from shared import keys, metrics, task_results
 from shared.models import RunStatus
 from shared.redis_connection import REDIS_DOWN
 from shared.settings import Settings
+from shared.stores.records import RunRecord
 from shared.stores.runs import RunStore
 
 log = logging.getLogger(__name__)
@@ -23,6 +32,11 @@ class Poller:
         self.redis = redis
         self.runpod = runpod
         self.settings = settings
+        # RunPod's ttl alone covers queue and execution; the execution timeout on top is a margin
+        # against the two clocks starting at different moments.
+        self.max_age_seconds = (
+            settings.run_ttl_seconds + settings.execution_timeout_seconds + settings.webhook_grace_seconds
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -57,15 +71,39 @@ class Poller:
             # keeps any orphan execution's late output and webhook apart from the retry.
             await self.runs.requeue(run_id, run.attempt, run.claim, now, new_attempt=True, reason="start not confirmed")
             return
+        too_old = run.dispatched_at is not None and now > run.dispatched_at + self.max_age_seconds
         try:
             body = await self.runpod.status(run.runpod_id)
         except RunPodError as exc:
             metrics.RUNPOD_ERRORS.labels(f"status_{exc.status or 'unreachable'}").inc()
             log.warning("status of run %s unavailable: %s", run_id, exc, extra={"run_id": run_id})
+            if exc.refused:
+                metrics.RUNPOD_REFUSED.labels("status").inc()
+                refusals = await self.runs.count_status_refusal(run_id)
+                if refusals >= self.settings.poll_max_refusals:
+                    await self._give_up(run_id, run, f"RunPod refused /status {refusals} times ({exc})")
+            elif too_old:
+                await self._give_up(
+                    run_id, run, f"no final answer from RunPod within its maximum age of {self.max_age_seconds:.0f} s"
+                )
             await self.runs.postpone(run_id, next_look)
             return
         if body is None:
             body = {"id": run.runpod_id, "status": EXPIRED, "error": "RunPod no longer knows this run"}
         if body.get("status") == "COMPLETED" or body.get("status") in FINAL_FAILURES | {EXPIRED}:
             await task_results.publish(self.redis, run_id, run.attempt, run.claim, body, "poll")
+        elif too_old:
+            # RunPod deletes a run at its ttl whatever /status still says: this one will not end.
+            await self._give_up(
+                run_id, run, f"still {body.get('status')} past its maximum age of {self.max_age_seconds:.0f} s"
+            )
         await self.runs.postpone(run_id, next_look)
+
+    async def _give_up(self, run_id: str, run: RunRecord, reason: str) -> None:
+        """End the run's claim as lost: the result path retries it as a new attempt (or fails it),
+        and RunPod is asked, best effort, to stop an execution that may still be going."""
+        log.warning("giving up on run %s attempt %s: %s", run_id, run.attempt, reason, extra={"run_id": run_id})
+        body = {"id": run.runpod_id, "status": EXPIRED, "error": reason}
+        await task_results.publish(self.redis, run_id, run.attempt, run.claim, body, "poll")
+        with contextlib.suppress(RunPodError):
+            await self.runpod.cancel(run.runpod_id)

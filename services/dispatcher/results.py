@@ -10,17 +10,21 @@ from services.dispatcher.backoff import backoff_delay
 from services.dispatcher.configs import ConfigCache
 from services.dispatcher.verify import ResultVerifier, parse_outcomes
 from shared import keys, metrics
-from shared.models import ImageStatus, RunStatus
+from shared.models import FailureReason, ImageStatus, RunStatus
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.stores.records import ClaimedRun, Completion, ImageRecord
 from shared.stores.runs import RunStore
+from shared.stores.upstream import UpstreamStore, next_quota_reset
 
 log = logging.getLogger(__name__)
 
 FINAL_FAILURES = {"FAILED", "TIMED_OUT", "CANCELLED"}
 # Our own marker: /status answered 404, so the run's result is gone (RunPod keeps it 30 min).
 EXPIRED = "EXPIRED"
+# Failures that every run would meet the same way until the quota resets or an operator acts:
+# the queue is held instead of spending RunPod time on runs that cannot succeed.
+HOLDING_FAILURES = frozenset({FailureReason.QUOTA_EXHAUSTED, FailureReason.AUTH_FAILED})
 
 
 class ResultHandler:
@@ -31,8 +35,10 @@ class ResultHandler:
         settings: Settings,
         complete: Callable[[Completion], Awaitable[bool]],
         storage: Storage,
+        upstream: UpstreamStore,
     ) -> None:
         self.runs = runs
+        self.upstream = upstream
         self.configs = configs
         self.settings = settings
         # Dispatcher.complete: the outcome is stored in the same round trip as the next claims.
@@ -70,6 +76,8 @@ class ResultHandler:
         # Checked against the stored objects before anything is recorded, so the job cannot reach
         # packaging with an image that is not there; raises (message retried) if storage is down.
         records = await self.verifier.records(claimed, slots, parse_outcomes(output, self.settings))
+        if await self._held_back(claimed, records):
+            return
         if await self.complete(Completion(run_id, attempt, claim, RunStatus.SUCCEEDED, records)):
             # Counted only when recorded, so duplicates of a result do not count twice.
             for record in records.values():
@@ -77,6 +85,26 @@ class ResultHandler:
                 if record.status == ImageStatus.FAILED:
                     metrics.GEMINI_ERRORS.labels(record.error or "unknown").inc()
             log.debug("run %s attempt %s completed", run_id, attempt, extra=_ids(run_id))
+
+    async def _held_back(self, claimed: ClaimedRun, records: dict[int, ImageRecord]) -> bool:
+        """Hold the queue when the run met a failure every run would meet; True when the run was
+        put back to start again once the hold ends (nothing of it succeeded, so nothing is lost)."""
+        holding = next((r for r in records.values() if r.error in HOLDING_FAILURES), None)
+        if holding is None or holding.error is None:
+            return False
+        now = time.time()
+        reason = FailureReason(holding.error)
+        until = next_quota_reset(now) if reason == FailureReason.QUOTA_EXHAUSTED else None
+        detail = holding.detail or reason.value
+        if await self.upstream.hold(reason.value, detail, until, now):
+            metrics.UPSTREAM_HOLDS.labels(reason.value).inc()
+            log.error("holding the queue (%s): %s", reason.value, detail, extra=_ids(claimed.run_id))
+        if any(record.status == ImageStatus.SUCCEEDED for record in records.values()):
+            return False  # keep what it made; its failed images can be retried after the hold
+        # The same attempt: the run never got to Gemini's work, so it costs no retry.
+        run_id, attempt, claim = claimed
+        await self.runs.requeue(run_id, attempt, claim, now, new_attempt=False, reason=f"{reason.value}: {detail}")
+        return True
 
     async def _failed(self, claimed: ClaimedRun, reason: str) -> None:
         run_id, attempt, claim = claimed

@@ -9,10 +9,14 @@ Retries: 429, 5xx gateway errors, connection errors and timeouts, with exponenti
 RunPod job when the first request reached RunPod but its answer was lost (RunPod has no idempotency key),
 so the worker side must be idempotent anyway.
 
+Limits: /run, /status and /cancel calls pass a gate that keeps this client within its share of
+RunPod's per-endpoint rate and concurrency limits (services/dispatcher/runpod_limits.py).
+
 Errors never carry the API key: messages name the operation and the HTTP status only.
 """
 
 import asyncio
+import contextlib
 import logging
 import random
 from datetime import UTC, datetime
@@ -21,12 +25,16 @@ from typing import Any
 
 import aiohttp
 
+from services.dispatcher.runpod_limits import gates
 from shared import bounded_json
 from shared.errors import UpstreamError
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Answers that say Bunch's key or endpoint is refused (a rotated key, a deleted endpoint): asking
+# again with the same settings cannot help, and an operator must know.
+REFUSED_STATUSES = frozenset({401, 403, 405})
 BODY_SNIPPET_CHARS = 200
 
 
@@ -40,6 +48,11 @@ class RunPodError(UpstreamError):
         self.status = status  # None when no HTTP answer came (connection error, timeout)
         self.retry_after = retry_after
 
+    @property
+    def refused(self) -> bool:
+        """RunPod refused Bunch's key or endpoint: no call succeeds until an operator fixes it."""
+        return self.status in REFUSED_STATUSES
+
 
 class RunPodClient:
     def __init__(
@@ -52,6 +65,7 @@ class RunPodClient:
         backoff_seconds: float = 0.5,
         backoff_max_seconds: float = 20.0,
         request_timeout_seconds: float = 30.0,
+        limit_share: float = 1.0,
     ) -> None:
         self._session = session
         self._endpoint_url = f"{base_url.rstrip('/')}/{endpoint_id}"
@@ -60,6 +74,7 @@ class RunPodClient:
         self._backoff = backoff_seconds
         self._backoff_max = backoff_max_seconds
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_seconds)
+        self._gates = gates(limit_share)
 
     def __repr__(self) -> str:  # the default would not leak the key either, but say so explicitly
         return f"RunPodClient({self._endpoint_url!r})"
@@ -109,10 +124,12 @@ class RunPodClient:
         self, method: str, path: str, operation: str, body: dict[str, Any] | None, not_found_ok: bool
     ) -> dict[str, Any] | None:
         url = f"{self._endpoint_url}/{path}"
+        gate = self._gates.get(operation)
         try:
-            async with self._session.request(
-                method, url, json=body, headers=self._headers, timeout=self._timeout
-            ) as resp:
+            async with (
+                gate.slot() if gate is not None else contextlib.nullcontext(),
+                self._session.request(method, url, json=body, headers=self._headers, timeout=self._timeout) as resp,
+            ):
                 if resp.status == 404 and not_found_ok:
                     return None
                 if resp.status in RETRYABLE_STATUSES:

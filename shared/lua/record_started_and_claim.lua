@@ -1,7 +1,8 @@
 -- The dispatcher's pass, in one call: first record RunPod's ids for the runs started since the last
 -- call (each only if that attempt is still the run's own, not canceled or requeued), then claim up
 -- to `limit` runs to start, one at a time, each only while the global cap, the project's cap, the
--- pause switch and the dispatch rate allow. Retries and redos whose time has come move to their
+-- pause switches (the project's, and the upstream hold of the whole queue) and the dispatch rate
+-- allow. Retries and redos whose time has come move to their
 -- project's own retry queue first. Each claim serves the project with the lowest pass in READY
 -- (fair share, include/fair_share.lua): its due retries first, then the head of its queue (lowest
 -- priority number, first in first out among equals). One call for both parts: a round trip less
@@ -129,6 +130,18 @@ local function claim(order)
     set_aside(project, pass)
   end
   return nil
+end
+
+-- Every run would fail the same way upstream (Gemini's daily quota, a refused key): start none.
+-- A hold with a time (a daily quota resets at midnight Pacific) ends by itself here.
+local hold_until = redis.call('HGET', HOLD, 'until')
+if hold_until then
+  local ends = tonumber(hold_until) or 0
+  if ends > 0 and ends <= now then
+    redis.call('DEL', HOLD)
+  else
+    return {DONE, {}, recorded}
+  end
 end
 
 local claimed = {}

@@ -11,6 +11,7 @@ local r = redis.call('HMGET', KEYS[1], 'attempt', 'status', 'project', 'claim')
 if r[1] ~= ARGV[2] or (r[4] or '') ~= ARGV[6] or not run_may(r[2], 'queued') then return {REFUSED} end
 local attempt = tonumber(ARGV[2]) + tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'attempt', attempt, 'status', 'queued', 'runpod_id', '', 'last_error', ARGV[5])
+redis.call('HDEL', KEYS[1], 'status_refusals')
 leave_running(ARGV[1], r[3])
 redis.call('ZADD', RETRY, ARGV[3], ARGV[1])
 return {DONE, attempt}

@@ -1,12 +1,15 @@
 """A project's figures and indexes as a whole: its jobs by status and time, what it has running,
 whether it is paused, and its hourly totals (kept by the scripts as jobs and images finish)."""
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
 from shared import keys
 from shared.models import JobStatus
+from shared.stores.upstream import Hold, parse_health, parse_hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +18,8 @@ class ProjectState:
     running_everywhere: int  # runs in flight, every project
     running: int  # the project's runs in flight
     paused: bool
+    hold: Hold | None  # the whole queue's (shared/stores/upstream.py)
+    runpod_health: dict[str, Any] | None
 
 
 class ProjectStore:
@@ -27,9 +32,13 @@ class ProjectStore:
             pipe.zcard(keys.RUNNING)
             pipe.zcard(keys.project_running(project))
             pipe.exists(keys.project_paused(project))
-            counts, everywhere, running, paused = await pipe.execute()
+            pipe.hgetall(keys.UPSTREAM_HOLD)
+            pipe.get(keys.RUNPOD_HEALTH)
+            counts, everywhere, running, paused, hold, health = await pipe.execute()
         by_status = {s.value: max(0, int(counts.get(s.value, 0))) for s in JobStatus}
-        return ProjectState(by_status, int(everywhere), int(running), bool(paused))
+        return ProjectState(
+            by_status, int(everywhere), int(running), bool(paused), parse_hold(hold, time.time()), parse_health(health)
+        )
 
     async def hourly(self, project: str, first_hour: int) -> dict[int, dict[str, float]]:
         """By hour (unix seconds // 3600) from `first_hour` on: each figure the scripts keep. The

@@ -125,6 +125,10 @@ class RunStore:
         """Drop a settled run's stray in-flight entries, freeing the slots it held."""
         await scripts.RELEASE_RUN_SLOTS(self.redis, [], [run_id, project])
 
+    async def count_status_refusal(self, run_id: str) -> int:
+        """One more /status refusal for the run's current attempt (requeue_run clears the count)."""
+        return int(await self.redis.hincrby(keys.run(run_id), "status_refusals", 1))
+
     async def postpone(self, run_id: str, deadline: float) -> None:
         await self.redis.zadd(keys.RUNNING, {run_id: deadline}, xx=True)
 

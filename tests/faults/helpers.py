@@ -38,6 +38,8 @@ FAST_RECOVERY = {
     "BUNCH_POLL_INTERVAL_SECONDS": "0.5",
     "BUNCH_RETRY_BACKOFF_SECONDS": "0.2",
     "BUNCH_RETRY_BACKOFF_MAX_SECONDS": "1",
+    # Sent with each run (its limits): the worker waits at most this long between Gemini attempts.
+    "BUNCH_GEMINI_BACKOFF_MAX_SECONDS": "0.5",
 }
 # The worker's Gemini retries: quick, so injected errors cost tenths of a second, not seconds.
 FAST_WORKER = {

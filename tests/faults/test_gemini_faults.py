@@ -17,13 +17,14 @@ pytestmark = pytest.mark.timeout(90)
 MAX_ATTEMPTS = 10
 TIMEOUT_SECONDS = 0.3
 
-# Four images per prompt, so each prompt is one run. (prompt, expected status, expected reason)
+# Four images per prompt, so each prompt is one run. (prompt, expected status, expected reason(s))
 CASES = [
     ("[emu:429x6] a storm of 429s", "succeeded", None),
     ("[emu:500x3] a flaky server", "succeeded", None),
     ("[emu:503x3] an overloaded model", "succeeded", None),
-    ("[emu:503x1000] a model that stays down", "failed", "upstream_error"),
-    ("[emu:sleep=2000] a call that never answers in time", "failed", "upstream_error"),
+    # Its last error may be a random 429 (below) instead of its own 503s: either class is right.
+    ("[emu:503x1000] a model that stays down", "failed", ("upstream_error", "rate_limited")),
+    ("[emu:sleep=2000] a call that never answers in time", "failed", ("upstream_error", "rate_limited")),
     ("[emu:text-only] a chatty model", "failed", "no_image"),
     ("[emu:safety] an unsafe picture", "failed", "safety_blocked"),
     ("[emu:blocked] a forbidden prompt", "failed", "safety_blocked"),
@@ -33,8 +34,9 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    worker = {"GEMINI_MAX_ATTEMPTS": str(MAX_ATTEMPTS), "GEMINI_TIMEOUT_SECONDS": str(TIMEOUT_SECONDS)}
-    with fault_stack("bunch-gemini-", worker_env=worker) as stack:
+    # The dispatcher sends these with each run (shared.models.RunLimits).
+    limits = {"BUNCH_GEMINI_MAX_ATTEMPTS": str(MAX_ATTEMPTS), "BUNCH_GEMINI_TIMEOUT_SECONDS": str(TIMEOUT_SECONDS)}
+    with fault_stack("bunch-gemini-", service_env=limits) as stack:
         yield stack
 
 
@@ -58,12 +60,15 @@ async def test_each_image_gets_its_outcome_and_reason(stack: Stack, api: httpx.A
     results = (await api.get(f"/api/jobs/{job_id}/results")).json()["images"]
     for image in results:
         _, outcome, reason = CASES[image["index"] // 4]
-        assert (image["status"], image["error"]) == (outcome, reason), image
+        assert image["status"] == outcome, image
+        assert image["error"] in reason if isinstance(reason, tuple) else image["error"] == reason, image
         assert (image["url"] is not None) == (outcome == "succeeded"), image
     details = {CASES[i["index"] // 4][0]: i["detail"] for i in results if i["status"] == "failed"}
     # The last of its errors: a 503, or one of the random 429s and 503s.
     assert details[CASES[3][0]].startswith(f"gave up after {MAX_ATTEMPTS} attempts: "), details
-    assert details[CASES[4][0]] == f"gave up after {MAX_ATTEMPTS} attempts: timed out", details
+    # Its own timeouts, or (last) one of the random 429s, which Gemini answers at once.
+    last_error = details[CASES[4][0]].removeprefix(f"gave up after {MAX_ATTEMPTS} attempts: ")
+    assert last_error == f"timed out after {TIMEOUT_SECONDS} s" or last_error.startswith("429 "), details
     assert "here is a description" in details[CASES[5][0]], details
     assert details[CASES[6][0]].startswith("finish reason IMAGE_SAFETY"), details
     assert details[CASES[7][0]] == "prompt blocked: PROHIBITED_CONTENT", details

@@ -25,13 +25,17 @@ from tests.stack_helpers import download_zip, emulator, wait_final
 pytestmark = pytest.mark.timeout(120)
 
 MAX_ATTEMPTS = 5
-EXECUTION_TIMEOUT = 3
+EXECUTION_TIMEOUT = 5  # RunPod's least
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     env = {
         "BUNCH_EXECUTION_TIMEOUT_SECONDS": str(EXECUTION_TIMEOUT),
+        # A worker budget that fits that timeout (shared.settings refuses one that does not).
+        "BUNCH_GEMINI_TIMEOUT_SECONDS": "1",
+        "BUNCH_GEMINI_MAX_ATTEMPTS": "2",
+        "BUNCH_WORKER_TRANSFER_ALLOWANCE_SECONDS": "2",
         "BUNCH_WEBHOOK_GRACE_SECONDS": "1",
         # Four run-ending faults are injected at once (2 failed, 2 stuck); they may all hit one run,
         # which must still have an attempt left to succeed.

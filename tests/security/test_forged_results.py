@@ -43,6 +43,7 @@ from shared.storage import Storage
 from shared.stores.jobs import JobStore
 from shared.stores.records import ClaimedRun, Completion, ImageRecord
 from shared.stores.runs import RunStore
+from shared.stores.upstream import UpstreamStore
 from tests.security.conftest import KEY_A, WEBHOOK_SECRET
 from tests.stack_helpers import client, emulator, png_bytes, submit, wait_final
 
@@ -270,14 +271,16 @@ async def test_storage_down_while_checking_results_retries_the_message_and_fails
     down = settings.model_copy(
         update={"s3_endpoint": f"http://127.0.0.1:{closed_port()}", "s3_retries": 0, "s3_connect_timeout_seconds": 1}
     )
-    handler = ResultHandler(runs, ConfigCache(store), settings, runs.complete, Storage(down))
+    handler = ResultHandler(
+        runs, ConfigCache(store), settings, runs.complete, Storage(down), UpstreamStore(fresh_redis)
+    )
     with pytest.raises(MaxRetryError):  # raised on: the stream consumer delivers the message again
         await handler(fields)
     assert (await runs.run(run_id)).status == RunStatus.DISPATCHED  # type: ignore[union-attr]
     assert await fresh_redis.hlen(keys.job_images(job.id)) == 0
 
     # Delivered again once storage is back: every image checks out.
-    await ResultHandler(runs, ConfigCache(store), settings, runs.complete, storage)(fields)
+    await ResultHandler(runs, ConfigCache(store), settings, runs.complete, storage, UpstreamStore(fresh_redis))(fields)
     images = await store.images(job.id)
     assert [images[index].status for index in range(4)] == [ImageStatus.SUCCEEDED] * 4
     assert (await store.get(job.id)).status == JobStatus.PACKAGING  # type: ignore[union-attr]

@@ -1,7 +1,7 @@
 """/api/queue: the project's queue as a whole: pause and resume, bulk cancel and retry, stats and metrics."""
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, status
 
@@ -19,10 +19,13 @@ from services.gateway.schemas.queue import (
     Retried,
     RetriedList,
     RetryMany,
+    RunPodWorkers,
+    UpstreamHoldState,
 )
 from services.gateway.submissions import submit
 from shared.errors import Conflict, NotFound
 from shared.models import JobStatus
+from shared.stores.upstream import Hold
 from shared.times import utc
 
 router = APIRouter(prefix="/api/queue", tags=["queue"], responses=API_PROBLEMS)
@@ -92,6 +95,35 @@ async def stats(project: ProjectDep, services: ServicesDep) -> QueueStats:
             dispatch_rpm=settings.dispatch_rpm,
             paused=state.paused,
         ),
+        upstream_hold=_hold(state.hold),
+        runpod=_runpod_workers(state.runpod_health),
+    )
+
+
+def _hold(hold: Hold | None) -> UpstreamHoldState | None:
+    if hold is None:
+        return None
+    return UpstreamHoldState(reason=hold.reason, detail=hold.detail, since=utc(hold.since), until=utc(hold.until))
+
+
+def _runpod_workers(health: dict[str, Any] | None) -> RunPodWorkers | None:
+    """RunPod's /health body ({"jobs": {...}, "workers": {...}}) as the stats show it."""
+    if health is None:
+        return None
+    workers, jobs = health.get("workers") or {}, health.get("jobs") or {}
+
+    def count(group: dict[str, Any], name: str) -> int:
+        value = group.get(name)
+        return value if isinstance(value, int) and value >= 0 else 0
+
+    return RunPodWorkers(
+        fetched_at=utc(float(health.get("fetched_at") or 0)),
+        workers_idle=count(workers, "idle"),
+        workers_running=count(workers, "running"),
+        workers_throttled=count(workers, "throttled"),
+        workers_unhealthy=count(workers, "unhealthy"),
+        jobs_in_queue=count(jobs, "inQueue"),
+        jobs_in_progress=count(jobs, "inProgress"),
     )
 
 

@@ -75,9 +75,32 @@ class DispatcherState(BaseModel):
     paused: bool
 
 
+class UpstreamHoldState(BaseModel):
+    """No run of any project starts while this is in place: every one would fail the same way."""
+
+    reason: str = Field(description="quota_exhausted, auth_failed (Gemini) or runpod_auth_failed")
+    detail: str
+    since: datetime
+    until: datetime | None = Field(description="when it ends by itself (a daily quota resets); null: by an operator")
+
+
+class RunPodWorkers(BaseModel):
+    """RunPod's own figures for the endpoint (its /health), as a dispatcher last read them."""
+
+    fetched_at: datetime
+    workers_idle: int
+    workers_running: int
+    workers_throttled: int
+    workers_unhealthy: int
+    jobs_in_queue: int
+    jobs_in_progress: int
+
+
 class QueueStats(BaseModel):
     queue: QueueCounts
     dispatcher: DispatcherState
+    upstream_hold: UpstreamHoldState | None = None
+    runpod: RunPodWorkers | None = None
 
 
 class HourlyPoint(BaseModel):

@@ -418,9 +418,32 @@ async function showGroup(groupId) {
   $("#group-thumbs").replaceChildren(...render(first));
 }
 
+// The whole queue's state on every page: a hold (every new run would fail upstream) and RunPod's workers.
+async function showUpstream() {
+  try {
+    const stats = await api("/api/queue/stats");
+    const hold = stats.upstream_hold, banner = $("#upstream");
+    banner.hidden = !hold;
+    if (hold) {
+      const ends = hold.until ? `resumes by itself at ${new Date(hold.until).toLocaleString()}` : "resumes when an operator releases it";
+      banner.textContent = `New runs are on hold (${hold.reason}): ${hold.detail}. Runs in flight finish; ${ends}.`;
+    }
+    const workers = stats.runpod, line = $("#runpod-workers");
+    line.hidden = !workers;
+    if (workers) {
+      line.textContent = `RunPod workers: ${workers.workers_idle} idle, ${workers.workers_running} running, ` +
+        `${workers.workers_throttled} throttled, ${workers.workers_unhealthy} unhealthy; ${workers.jobs_in_queue} run(s) in RunPod's queue`;
+    }
+  } catch (err) {
+    // The page's own calls report errors; this banner just stays as it was.
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   setUpKeyBox();
   if (!apiKey()) { $("main").prepend(el("section", { class: "error" }, "Enter your API key at the top right (make dev prints one).")); return; }
   const page = document.body.dataset.page;
+  showUpstream();
+  setInterval(showUpstream, 15000);
   ({ semi: semiAutoPage, automatic: automaticPage, groups: groupsPage })[page]();
 });
