@@ -194,6 +194,7 @@ def bench_stack(
     services: tuple[str, ...] = ("gateway", "dispatcher", "packager"),
     runpod_workers: int = 8,
     gemini_args: tuple[str, ...] = (),
+    worker_env: Mapping[str, str] | None = None,
     keep: bool = False,
 ) -> Iterator[Stack]:
     """The real stack as processes; with `sleep_runpod=(workers, ms)` RunPod is the sleep emulator.
@@ -212,6 +213,7 @@ def bench_stack(
             runpod_workers=1 if sleeper else runpod_workers,
             gemini_args=gemini_args,
             service_env=env,
+            worker_env=worker_env,
             services=(),
         )
     except BaseException:

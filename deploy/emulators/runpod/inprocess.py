@@ -153,7 +153,13 @@ class InProcessPool:
 
     def describe(self) -> list[dict[str, Any]]:
         return [
-            {"pod_id": w.seat.pod_id, "pid": None, "state": state, "held": len(w.seat.held)}
+            {
+                "pod_id": w.seat.pod_id,
+                "pid": None,
+                "state": state,
+                "held": len(w.seat.held),
+                "busy_seconds": round(w.seat.busy_seconds(), 3),
+            }
             for w, (_, state) in zip(self.workers, self.states(), strict=True)
         ]
 

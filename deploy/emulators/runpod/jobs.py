@@ -52,12 +52,41 @@ class Seat:
         self.on_stop = on_stop
         self.held: set[str] = set()
         self.max_held = 0
+        # Seconds with at least one job held: what RunPod bills a worker for (bench/worker_seconds.py).
+        self._busy_seconds = 0.0
+        self._busy_since: float | None = None
         self.takes: deque[int] = deque(maxlen=TAKES_KEPT)  # jobs handed out per job-take, latest last
         self.seen_at: float | None = None  # its first job-take or ping: it finished starting
         self.last_ping: dict[str, str] | None = None
         self.stopping = False  # told to shut down: no more jobs, long polls answered at once
         self._stops: list[str] = []
         self._stop_arrived = asyncio.Event()
+
+    def hold(self, job_id: str) -> None:
+        if not self.held:
+            self._busy_since = time.monotonic()
+        self.held.add(job_id)
+        self.max_held = max(self.max_held, len(self.held))
+
+    def drop(self, job_id: str | None = None) -> None:
+        """Let go of one job, or of every job (None)."""
+        if job_id is None:
+            self.held.clear()
+        else:
+            self.held.discard(job_id)
+        if not self.held and self._busy_since is not None:
+            self._busy_seconds += time.monotonic() - self._busy_since
+            self._busy_since = None
+
+    def busy_seconds(self) -> float:
+        ongoing = time.monotonic() - self._busy_since if self._busy_since is not None else 0.0
+        return self._busy_seconds + ongoing
+
+    def reset_counts(self) -> None:
+        self.drop()
+        self.max_held = 0
+        self._busy_seconds = 0.0
+        self.takes.clear()
 
     def signal_stop(self, job_id: str) -> None:
         if self.on_stop is not None:
@@ -243,11 +272,10 @@ class Board:
             self._at(job, job.started_at + job.execution_timeout_s, self._timeout_reached)
             if self.faults.take("stuck_in_progress"):
                 continue  # a worker that hung: only its timeout, a cancel or its ttl end it
-            seat.held.add(job.id)
+            seat.hold(job.id)
             taken.append(job)
         if taken:
             seat.takes.append(len(taken))
-            seat.max_held = max(seat.max_held, len(seat.held))
         return taken
 
     def report(self, seat: Seat, job_id: str, result: dict[str, Any]) -> None:
@@ -287,7 +315,7 @@ class Board:
         for job in [j for j in self.jobs.values() if j.worker_id == pod_id and j.status == IN_PROGRESS]:
             self.finish(job, FAILED, error=f"worker {pod_id} {reason} while running the job")
         if seat is not None:
-            seat.held.clear()
+            seat.drop()
 
     # ---- endings
 
@@ -309,7 +337,7 @@ class Board:
         self.running.discard(job.id)
         seat = self.seats.get(job.worker_id or "")
         if seat is not None:
-            seat.held.discard(job.id)
+            seat.drop(job.id)
 
     def _stop_on_worker(self, job: Job) -> None:
         seat = self.seats.get(job.worker_id or "")
@@ -352,9 +380,7 @@ class Board:
         self._queue.clear()
         self.running.clear()
         for seat in self.seats.values():
-            seat.held.clear()
-            seat.max_held = 0
-            seat.takes.clear()
+            seat.reset_counts()
         self.counters = Counters()
 
     def drain(self) -> None:

@@ -222,6 +222,7 @@ class ProcessPool:
                 "state": w.state,
                 "held": len(w.seat.held),
                 "max_held": w.seat.max_held,
+                "busy_seconds": round(w.seat.busy_seconds(), 3),
                 "takes": list(w.seat.takes),
                 "exit_code": w.exit_code,
                 "unhealthy_reason": w.unhealthy_reason,
