@@ -9,6 +9,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
@@ -18,6 +19,7 @@ from redis.asyncio import Redis
 from deploy.processes import Process, base_env, free_port, python, scratch_dir, wait_http
 from services.dispatcher.configs import ConfigCache
 from services.dispatcher.dispatch import Dispatcher
+from services.dispatcher.payloads import build_run_input
 from services.dispatcher.poller import Poller
 from services.dispatcher.runpod_client import RunPodClient
 from shared import keys
@@ -188,3 +190,17 @@ async def test_a_refused_run_holds_the_queue_and_keeps_the_run_for_later(
     assert await upstream.release()
     again = (await runs.acquire_many(time.time() + 5, time.time() + 35, 4)).runs
     assert (claimed.run_id, claimed.attempt) in [(run.run_id, run.attempt) for run in again]
+
+
+async def test_a_runs_links_outlive_its_wait_in_runpods_queue(
+    fresh_redis: Redis, settings: Settings, storage: Storage
+) -> None:
+    """RunPod keeps a run queued up to its ttl (24 h by default) before a worker opens its links:
+    they are signed for that long, not for the 1 h of links handed to people."""
+    settings = settings.model_copy(update={"presign_expiry_seconds": 3600, "run_ttl_seconds": 86400})
+    store = JobStore(fresh_redis, settings)
+    job = await store.create("p", SemiAutoJobRequest(mode="semi_auto", prompts=["p"], images_per_prompt=4))
+    run_input = build_run_input(await store.config(job.id), f"{job.id}.0", [0, 1, 2, 3], 1, "c1", storage, settings)
+    lifetimes = {parse_qs(urlsplit(item.output_url).query)["X-Amz-Expires"][0] for item in run_input.items}
+    assert lifetimes == {str(86400 + 30)}  # ttl + the webhook grace
+    assert run_input.limits is not None and run_input.limits.budget_seconds <= settings.execution_timeout_seconds
