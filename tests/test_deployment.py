@@ -85,7 +85,7 @@ def compose_variables() -> set[str]:
 def worker_env_names() -> set[str]:
     """The variables the RunPod worker reads (set on the endpoint, not on the services)."""
     text = "\n".join(path.read_text() for path in (ROOT / "worker").glob("*.py"))
-    return set(re.findall(r"""env(?:iron)?\.get\(\s*["']([A-Z][A-Z0-9_]*)["']""", text))
+    return set(re.findall(r"""(?:env(?:iron)?\.get|_number)\(\s*["']([A-Z][A-Z0-9_]*)["']""", text))
 
 
 def test_env_example_names_only_variables_something_reads() -> None:

@@ -33,7 +33,7 @@ KEY = "emulator-key"
 OTHER_KEY = "second-key"
 DEFAULT_CONFIG = {
     "latency_ms": 0, "error_rate": 0.0, "rate_limit_rate": 0.0, "timeout_rate": 0.0,
-    "daily_quota_images": 0, "latency_jitter_ms": 0, "image_mode": "small",
+    "daily_quota_images": 0, "latency_jitter_ms": 0, "image_mode": "small", "revoked_keys": [],
 }  # fmt: skip
 
 
@@ -308,6 +308,17 @@ async def test_unknown_key_is_400_api_key_invalid(gemini_url: str) -> None:
     async with aiohttp.ClientSession() as http, http.post(url, json=request_body()) as resp:
         assert resp.status == 200  # ?key= works like the header
     assert (await stats(gemini_url))["by_error"] == {"api_key_invalid": 1}
+
+
+async def test_a_key_revoked_at_run_time_answers_like_an_invalid_one(gemini_url: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gemini_url}/_emulator/config", json={"revoked_keys": [OTHER_KEY]}) as resp:
+            assert resp.status == 200
+        status, payload = await call(gemini_url, request_body(), key=OTHER_KEY)
+        assert status == 400 and payload["error"]["details"][0]["reason"] == "API_KEY_INVALID", payload
+        assert (await call(gemini_url, request_body(), key=KEY))[0] == 200  # other keys still work
+        async with http.post(f"{gemini_url}/_emulator/config", json={"revoked_keys": "all"}) as resp:
+            assert resp.status == 400
 
 
 async def test_without_api_key_flag_any_non_empty_key_works() -> None:

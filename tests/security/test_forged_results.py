@@ -119,9 +119,14 @@ async def stuck(full_stack: Stack, full_redis: Redis) -> AsyncIterator[StuckRun]
         while not await full_redis.hget(keys.run(run_id), "runpod_id"):  # RunPod has it, and we know its id
             assert time.monotonic() < deadline, "the run did not start"
             await asyncio.sleep(0.05)
-        jobs = await emulator(full_stack, "runpod", "GET", "/_emulator/jobs")
-        (record,) = [job for job in jobs if job["input"]["job_id"] == job_id]
-        assert record["status"] == "IN_PROGRESS", record
+        # Taken by a worker (stuck there): the workers may still be starting when the stack is new.
+        while True:
+            jobs = await emulator(full_stack, "runpod", "GET", "/_emulator/jobs")
+            (record,) = [job for job in jobs if job["input"]["job_id"] == job_id]
+            if record["status"] == "IN_PROGRESS":
+                break
+            assert time.monotonic() < deadline and record["status"] == "IN_QUEUE", record
+            await asyncio.sleep(0.05)
         yield StuckRun(full_stack, full_redis, job_id, record)
     finally:
         await emulator(full_stack, "runpod", "POST", "/_emulator/faults/clear")

@@ -1,5 +1,6 @@
-"""Presigned links live exactly BUNCH_PRESIGN_EXPIRY_SECONDS, and no secret ever leaves the stack:
-not in a log line of any process, not in any API answer (the whole real stack, distinctive values)."""
+"""Presigned links live exactly BUNCH_PRESIGN_EXPIRY_SECONDS (a RunPod worker's: the run's ttl), and
+no secret ever leaves the stack: not in a log line of any process, not in any API answer (the whole
+real stack, distinctive values)."""
 
 import asyncio
 import re
@@ -12,6 +13,8 @@ import httpx
 from minio import Minio
 
 from deploy.stack import Stack
+from services.dispatcher.payloads import link_lifetime_seconds
+from shared.settings import Settings
 from tests.security.conftest import KEY_A, PRESIGN_SECONDS, S3_ACCESS_KEY, S3_SECRET_KEY, SECRETS
 from tests.stack_helpers import emulator, png_bytes, submit, upload, wait_final
 
@@ -48,12 +51,12 @@ async def finished_job(stack: Stack, api: httpx.AsyncClient, group: str) -> tupl
     return job_id, final
 
 
-def link_problems(url: str, now: float) -> list[str]:
+def link_problems(url: str, now: float, lifetime: int = PRESIGN_SECONDS) -> list[str]:
     """What is wrong with a presigned link: its lifetime, its signing time, its credential."""
     query = {name: values[0] for name, values in parse_qs(urlsplit(url).query).items()}
     problems = []
-    if query.get("X-Amz-Expires") != str(PRESIGN_SECONDS):
-        problems.append(f"X-Amz-Expires is {query.get('X-Amz-Expires')}, not {PRESIGN_SECONDS}")
+    if query.get("X-Amz-Expires") != str(lifetime):
+        problems.append(f"X-Amz-Expires is {query.get('X-Amz-Expires')}, not {lifetime}")
     signed_at = datetime.strptime(query.get("X-Amz-Date", "19700101T000000Z"), AMZ_DATE).replace(tzinfo=UTC)
     if not now - 600 <= signed_at.timestamp() <= now + 5:
         problems.append(f"signed at {signed_at}, not just now")
@@ -101,18 +104,23 @@ async def test_every_presigned_link_expires_after_the_configured_lifetime(full_s
             assert time.monotonic() < deadline and download["status"] != "failed", download
             await asyncio.sleep(0.2)
     now = time.time()
-    links: list[tuple[str, str]] = [("GET", final["zip"]["url"]), ("GET", results["zip"]["url"])]
-    links += [("GET", image["url"]) for image in results["images"]]
-    links += [("GET", redirect.headers["location"]), ("GET", download["url"])]
-    links += [("GET", image["url"]) for image in group["images"]]
-    # The links the dispatcher gave the RunPod worker: references to read, outputs to write.
+    links: list[tuple[str, str, int]] = [("GET", final["zip"]["url"], PRESIGN_SECONDS)]
+    links += [("GET", results["zip"]["url"], PRESIGN_SECONDS)]
+    links += [("GET", image["url"], PRESIGN_SECONDS) for image in results["images"]]
+    links += [("GET", redirect.headers["location"], PRESIGN_SECONDS), ("GET", download["url"], PRESIGN_SECONDS)]
+    links += [("GET", image["url"], PRESIGN_SECONDS) for image in group["images"]]
+    # The links the dispatcher gave the RunPod worker (references to read, outputs to write) live
+    # as long as the run may wait in RunPod's queue: its ttl plus the webhook grace.
+    grace = float(full_stack.service_env["BUNCH_WEBHOOK_GRACE_SECONDS"])
+    worker_lifetime = link_lifetime_seconds(Settings(webhook_grace_seconds=grace))
     for run in await emulator(full_stack, "runpod", "GET", "/_emulator/jobs"):
         if run["input"]["job_id"] == job_id:
             for item in run["input"]["items"]:
-                links += [("GET", ref) for ref in item["reference_urls"]] + [("PUT", item["output_url"])]
+                links += [("GET", ref, worker_lifetime) for ref in item["reference_urls"]]
+                links += [("PUT", item["output_url"], worker_lifetime)]
     assert len(links) >= 5 + 5 + 4 + 5 + 2
-    for method, url in links:
-        problems = link_problems(url, now)
+    for method, url, lifetime in links:
+        problems = link_problems(url, now, lifetime)
         assert problems == [], (url, problems)
         assert same_signature(url, resign(method, url)), url
 
