@@ -14,8 +14,10 @@ $(VENV)/.installed: pyproject.toml worker/requirements.txt
 	$(BIN)/pip install --quiet -e '.[dev,bench]' -c worker/requirements.txt
 	touch $@
 
+# Your BUNCH_* variables and .env reach the services; DEV_ARGS="--port 8001 --redis-ha" for the stack.
+DEV_ARGS ?=
 dev: install  ## the whole stack on free ports: redis, S3 (moto), emulators, gateway, dispatcher, packager
-	$(BIN)/python -m deploy.stack
+	$(BIN)/python -m deploy.stack $(DEV_ARGS)
 
 test: install  ## the test suite against real redis-server, S3 server and emulators
 	$(BIN)/pytest

@@ -14,6 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dotenv import dotenv_values
+from pydantic import SecretStr
+
 from deploy.processes import (
     ROOT,
     Process,
@@ -26,6 +29,7 @@ from deploy.processes import (
     wait_http,
 )
 from deploy.redis_ha import RedisHA, start_redis_ha
+from shared.settings import Settings
 
 DEV_API_KEY = "dev-key"
 HA_PASSWORD = "local-redis-password"
@@ -227,30 +231,20 @@ def start_stack(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the whole Bunch stack locally.")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("BUNCH_DEV_PORT", "8000")))
+    parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--runpod-workers", type=int, default=8)
     parser.add_argument("--keep", action="store_true", help="keep the data folder on exit")
     parser.add_argument("--redis-ha", action="store_true", help="Redis as a primary, a replica and three Sentinels")
     args = parser.parse_args()
+    # The caller's settings (.env, then the environment, as the services themselves read them) win
+    # over the stack's: the stack only fills in what they leave unset.
+    caller = caller_settings(ROOT / ".env", os.environ)
     workdir = scratch_dir("bunch-dev-")
     port = args.port if _port_free(args.port) else free_port()
-    stack = start_stack(workdir, runpod_workers=args.runpod_workers, gateway_port=port, redis_ha=args.redis_ha)
-    print(
-        f"""
-Bunch is running (Ctrl-C stops everything).
-  API          {stack.gateway_url}   (OpenAPI: {stack.gateway_url}/docs)
-  API key      {DEV_API_KEY}  (project '{DEV_PROJECT}')
-  Redis        {stack.redis_url}
-  S3           {stack.s3_url}  bucket 'bunch'
-  RunPod emu   {stack.runpod_url}/v2/local
-  Gemini emu   {stack.gemini_url}
-  logs         {workdir}
-
-Try:
-  curl -s -H 'Authorization: Bearer {DEV_API_KEY}' -F files=@some.png {stack.gateway_url}/api/uploads
-""",
-        flush=True,
+    stack = start_stack(
+        workdir, runpod_workers=args.runpod_workers, gateway_port=port, redis_ha=args.redis_ha, service_env=caller
     )
+    print(banner(stack, caller), flush=True)
     stopping = False
 
     def request_stop(*_: object) -> None:
@@ -270,6 +264,63 @@ Try:
         stack.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def caller_settings(dotenv: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """The BUNCH_* settings of `.env` and of the environment (which wins, as for the services)."""
+    from_file = {k: v for k, v in dotenv_values(dotenv).items() if v is not None} if dotenv.is_file() else {}
+    return {k: v for k, v in {**from_file, **environ}.items() if k.startswith("BUNCH_")}
+
+
+def banner(stack: Stack, caller: Mapping[str, str]) -> str:
+    settings = effective_settings(stack.service_env)
+    projects = sorted(set(settings.project_for_key().values()))
+    if caller.keys() & {"BUNCH_API_KEYS", "BUNCH_API_KEYS_FILE", "BUNCH_API_KEYS_DIR"}:
+        # Keys the caller chose are theirs to know: shown nowhere, not even in a terminal's scrollback.
+        keys_line = f"API keys     yours, for projects {', '.join(projects) or '(none)'}"
+        try_key = "<your key>"
+    else:
+        keys_line = f"API key      {DEV_API_KEY}  (project '{DEV_PROJECT}')"
+        try_key = DEV_API_KEY
+    changed = "\n".join(f"  {line}" for line in non_default_settings(settings)) or "  (none)"
+    return f"""
+Bunch is running (Ctrl-C stops everything).
+  API          {stack.gateway_url}   (OpenAPI: {stack.gateway_url}/docs)
+  {keys_line}
+  Redis        {settings.redis_url if "BUNCH_REDIS_URL" in caller else stack.redis_url}
+  S3           {settings.s3_endpoint}  bucket '{settings.s3_bucket}'
+  RunPod       {settings.runpod_base_url}/{settings.runpod_endpoint_id}
+  Gemini emu   {stack.gemini_url}
+  logs         {stack.workdir}
+
+Settings that differ from the defaults (shared/settings.py):
+{changed}
+
+Try:
+  curl -s -H 'Authorization: Bearer {try_key}' -F files=@some.png {stack.gateway_url}/api/uploads
+"""
+
+
+def effective_settings(env: Mapping[str, str]) -> Settings:
+    """The settings the services read from `env` (and nothing else: no .env, no other variable)."""
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        return Settings(_env_file=None)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def non_default_settings(settings: Settings) -> list[str]:
+    lines = []
+    for name, info in Settings.model_fields.items():
+        value = getattr(settings, name)
+        if value != info.get_default(call_default_factory=True):  # SecretStr compares its values
+            shown = "(secret)" if isinstance(value, SecretStr) else value
+            lines.append(f"BUNCH_{name.upper()}={shown}")
+    return lines
 
 
 def _port_free(port: int) -> bool:

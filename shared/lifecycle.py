@@ -28,7 +28,7 @@ def run_service(
     work end the process with one line that says what is wrong, not a traceback."""
     try:
         settings = get_settings()
-    except ValidationError as exc:
+    except (ValidationError, Misconfigured) as exc:
         print(f"{name} cannot start, its settings are invalid: {exc}", file=sys.stderr)
         sys.exit(EXIT_MISCONFIGURED)
     logs.configure(name, settings.log_level)

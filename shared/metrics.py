@@ -13,7 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 from redis.asyncio import Redis
 
 from shared import keys
+from shared.errors import Misconfigured, Unavailable
 from shared.models import JobStatus
+from shared.redis_connection import check
 from shared.redis_memory import read_memory
 
 log = logging.getLogger(__name__)
@@ -84,13 +86,30 @@ async def render(redis: Redis) -> bytes:
 
 
 async def serve(redis: Redis, port: int) -> web.AppRunner:
-    """A /metrics endpoint on its own port, for the processes without an HTTP API."""
+    """/metrics and the probes on a port of their own, for the processes without an HTTP API.
+
+    /livez answers from the event loop that runs the service's work, so an answer shows that loop
+    turns: it never asks Redis, and a Redis outage restarts no pod. /readyz is 503 while Redis
+    (the state of record) does not answer, with the reason.
+    """
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=await render(redis), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def live(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def ready(_: web.Request) -> web.Response:
+        try:
+            await check(redis)
+        except (Misconfigured, Unavailable) as exc:
+            return web.Response(status=503, text=f"not ready: {exc.message}")
+        return web.Response(text="ok")
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/livez", live)
+    app.router.add_get("/readyz", ready)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", port).start()

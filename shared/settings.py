@@ -1,14 +1,29 @@
 """The one settings object every service reads (environment variables, `.env` optional)."""
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from shared.secret_files import SecretFiles
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BUNCH_", env_file=".env", extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # BUNCH_<NAME>_FILE beside the environment: mounted secrets never pass through it.
+        return init_settings, SecretFiles(settings_cls), env_settings, dotenv_settings, file_secret_settings
 
     # "development" lets the services start with the well-known local secrets (`make dev`, tests);
     # anywhere else they refuse to start with an empty or published secret (shared/secret_policy.py).
@@ -33,6 +48,9 @@ class Settings(BaseSettings):
     s3_public_endpoint: str | None = Field(
         None, validation_alias=AliasChoices("BUNCH_S3_PUBLIC_ENDPOINT", "S3_PUBLIC_ENDPOINT")
     )
+    # The host the links handed to RunPod workers are signed for (default: s3_public_endpoint): the
+    # object store's internal name when the workers run beside it (compose's `local` profile).
+    s3_worker_endpoint: str | None = None
     s3_access_key: SecretStr = Field(
         SecretStr("minioadmin"), validation_alias=AliasChoices("BUNCH_S3_ACCESS_KEY", "S3_ACCESS_KEY")
     )
@@ -46,6 +64,9 @@ class Settings(BaseSettings):
     # --- HTTP API ---
     # "key1:project_a,key2:project_b"
     api_keys: SecretStr = SecretStr("")
+    # Also a folder with one `key:project` per file (a Kubernetes Secret mounted as files, one entry
+    # per key, so one tenant's key is rotated without touching the others'). Read at start.
+    api_keys_dir: Path | None = None
     # Base URL RunPod calls back on; the gateway's address as seen from RunPod.
     public_url: str = "http://127.0.0.1:8000"
     webhook_secret: SecretStr = SecretStr("")
@@ -157,6 +178,9 @@ class Settings(BaseSettings):
 
     # --- packager ---
     zip_part_size: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    # On SIGTERM a ZIP under way gets this long to finish; then its multipart upload is aborted and
+    # the job is left to another replica. The pod's or container's stop grace must be longer.
+    packager_shutdown_grace_seconds: float = Field(45.0, ge=0)
 
     # Port of the Prometheus /metrics endpoint of the dispatcher and the packager (0: none); the
     # gateway serves /metrics on its own port.
@@ -270,13 +294,21 @@ class Settings(BaseSettings):
         return parse_weights(self.project_weights)
 
     def project_for_key(self) -> dict[str, str]:
-        """Parse `BUNCH_API_KEYS` into {api_key: project}."""
+        """`BUNCH_API_KEYS` and the files of `BUNCH_API_KEYS_DIR` as {api_key: project}."""
+        entries = self.api_keys.get_secret_value().split(",")
+        if self.api_keys_dir is not None:
+            entries += [path.read_text() for path in sorted(self.api_keys_dir.iterdir()) if _key_file(path)]
         pairs: dict[str, str] = {}
-        for entry in self.api_keys.get_secret_value().split(","):
+        for entry in entries:
             key, sep, project = entry.strip().partition(":")
             if sep and key and project:
                 pairs[key] = project
         return pairs
+
+
+def _key_file(path: Path) -> bool:
+    # Kubernetes mounts a Secret's entries beside `..data` and a timestamped folder: hidden names.
+    return not path.name.startswith(".") and path.is_file()
 
 
 def parse_weights(text: str) -> dict[str, float]:

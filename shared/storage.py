@@ -1,8 +1,9 @@
 """Object storage (MinIO or any S3) through the `minio` client.
 
 The minio client is blocking, so every call that touches the network runs in a worker thread.
-Presigning is computed locally (the region is fixed), against the public endpoint, by
-shared.presign where minio would address the endpoint path-style, by minio elsewhere.
+Presigning is computed locally (the region is fixed), against the public endpoint (or the workers'
+endpoint for RunPod's links), by shared.presign where minio would address the endpoint path-style,
+by minio elsewhere.
 """
 
 import asyncio
@@ -15,13 +16,24 @@ from urllib.parse import urlsplit
 
 import urllib3
 from minio import Minio
+from minio.commonconfig import ENABLED, Filter
 from minio.error import S3Error
+from minio.lifecycleconfig import AbortIncompleteMultipartUpload, LifecycleConfig, Rule
 
 from shared.presign import Presigner, path_style_endpoint
 from shared.settings import Settings
 
 # The codes S3 servers answer for an object that does not exist.
 MISSING = frozenset({"NoSuchKey", "NoSuchObject", "ResourceNotFound"})
+# ... and for an API they do not implement.
+UNSUPPORTED = frozenset({"NotImplemented", "NotSupported"})
+# Bunch's one lifecycle rule, by its ID: the operator's own rules of the bucket are left as they are.
+UPLOAD_CLEANUP = Rule(
+    ENABLED,
+    rule_filter=Filter(prefix=""),
+    rule_id="bunch-abort-incomplete-multipart-uploads",
+    abort_incomplete_multipart_upload=AbortIncompleteMultipartUpload(days_after_initiation=1),
+)
 
 
 def _client(endpoint_url: str, settings: Settings, http: urllib3.PoolManager | None = None) -> Minio:
@@ -36,24 +48,54 @@ def _client(endpoint_url: str, settings: Settings, http: urllib3.PoolManager | N
     )
 
 
+class Links:
+    """Presigned GET and PUT links for one endpoint: the host is part of the signature, so people's
+    links and the RunPod workers' may need signers of their own."""
+
+    def __init__(self, endpoint: str, settings: Settings) -> None:
+        self.bucket = settings.s3_bucket
+        self.expiry_seconds = settings.presign_expiry_seconds
+        self.signer = _client(endpoint, settings)
+        self.presigner: Presigner | None = None
+        if path_style_endpoint(endpoint):
+            self.presigner = Presigner(
+                endpoint,
+                settings.s3_region,
+                settings.s3_access_key.get_secret_value(),
+                settings.s3_secret_key.get_secret_value(),
+            )
+
+    def get(self, key: str, download_name: str | None = None, expires_seconds: int | None = None) -> str:
+        """A GET link valid `expires_seconds` (default: presign_expiry_seconds)."""
+        seconds = expires_seconds or self.expiry_seconds
+        headers: Any = None
+        if download_name:
+            headers = {"response-content-disposition": f'attachment; filename="{download_name}"'}
+        if self.presigner is not None:
+            return self.presigner.url("GET", self.bucket, key, seconds, headers)
+        return self.signer.presigned_get_object(
+            self.bucket, key, expires=timedelta(seconds=seconds), response_headers=headers
+        )
+
+    def put(self, key: str, expires_seconds: int | None = None) -> str:
+        seconds = expires_seconds or self.expiry_seconds
+        if self.presigner is not None:
+            return self.presigner.url("PUT", self.bucket, key, seconds)
+        return self.signer.presigned_put_object(self.bucket, key, expires=timedelta(seconds=seconds))
+
+
 class Storage:
     def __init__(self, settings: Settings) -> None:
         self.bucket = settings.s3_bucket
-        self.expiry_seconds = settings.presign_expiry_seconds
         retries = urllib3.Retry(total=settings.s3_retries, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504))
         timeout = urllib3.Timeout(connect=settings.s3_connect_timeout_seconds, read=settings.s3_read_timeout_seconds)
         http = urllib3.PoolManager(num_pools=4, maxsize=32, retries=retries, timeout=timeout)
         self.client = _client(settings.s3_endpoint, settings, http)
         public = settings.s3_public_endpoint or settings.s3_endpoint
-        self.signer = _client(public, settings)
-        self.presigner: Presigner | None = None
-        if path_style_endpoint(public):
-            self.presigner = Presigner(
-                public,
-                settings.s3_region,
-                settings.s3_access_key.get_secret_value(),
-                settings.s3_secret_key.get_secret_value(),
-            )
+        # Links for people (clients, browsers) and for RunPod workers (references, image uploads).
+        self.links = Links(public, settings)
+        worker = settings.s3_worker_endpoint
+        self.worker_links = Links(worker, settings) if worker and worker != public else self.links
 
     # --- async, for request handlers and event loops ---
 
@@ -67,6 +109,31 @@ class Storage:
                         raise
 
         await asyncio.to_thread(create)
+
+    async def ensure_upload_cleanup(self) -> bool:
+        """Have the store delete multipart uploads left unfinished for a day (a ZIP writer killed
+        mid-upload leaves its parts, invisible and billed, until then). The bucket's other lifecycle
+        rules are kept. False when the server has no lifecycle support."""
+
+        def apply() -> bool:
+            try:
+                current = self.client.get_bucket_lifecycle(self.bucket)
+            except S3Error as exc:
+                if exc.code in UNSUPPORTED:
+                    return False
+                raise
+            rules = [rule for rule in (current.rules if current else []) if rule.rule_id != UPLOAD_CLEANUP.rule_id]
+            if current is not None and UPLOAD_CLEANUP in current.rules:
+                return True
+            try:
+                self.client.set_bucket_lifecycle(self.bucket, LifecycleConfig([*rules, UPLOAD_CLEANUP]))
+            except S3Error as exc:
+                if exc.code in UNSUPPORTED:
+                    return False
+                raise
+            return True
+
+        return await asyncio.to_thread(apply)
 
     async def ping(self) -> bool:
         try:
@@ -143,22 +210,11 @@ class Storage:
         await asyncio.to_thread(self.client.remove_object, self.bucket, key)
 
     def presigned_get(self, key: str, download_name: str | None = None, expires_seconds: int | None = None) -> str:
-        """A GET link valid `expires_seconds` (default: presign_expiry_seconds)."""
-        seconds = expires_seconds or self.expiry_seconds
-        headers: Any = None
-        if download_name:
-            headers = {"response-content-disposition": f'attachment; filename="{download_name}"'}
-        if self.presigner is not None:
-            return self.presigner.url("GET", self.bucket, key, seconds, headers)
-        return self.signer.presigned_get_object(
-            self.bucket, key, expires=timedelta(seconds=seconds), response_headers=headers
-        )
+        """A GET link for people, valid `expires_seconds` (default: presign_expiry_seconds)."""
+        return self.links.get(key, download_name, expires_seconds)
 
     def presigned_put(self, key: str, expires_seconds: int | None = None) -> str:
-        seconds = expires_seconds or self.expiry_seconds
-        if self.presigner is not None:
-            return self.presigner.url("PUT", self.bucket, key, seconds)
-        return self.signer.presigned_put_object(self.bucket, key, expires=timedelta(seconds=seconds))
+        return self.links.put(key, expires_seconds)
 
     # --- blocking, for code that already runs in a thread (the packager's ZIP writer) ---
 

@@ -7,13 +7,15 @@ from typing import Any
 import yaml
 from pydantic import AliasChoices
 
+from shared.secret_files import SECRET_SETTINGS, file_variable
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def settings_env_names() -> set[str]:
-    names = set()
+    """Every variable the settings read: BUNCH_<NAME>, the aliases, and BUNCH_<SECRET>_FILE."""
+    names = {file_variable(name) for name in SECRET_SETTINGS}
     for name, field in Settings.model_fields.items():
         names.add(f"BUNCH_{name.upper()}")
         if isinstance(field.validation_alias, AliasChoices):

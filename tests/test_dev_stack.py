@@ -1,5 +1,6 @@
 """`make dev` (python -m deploy.stack) serves a job end to end and stops cleanly on Ctrl-C."""
 
+import os
 import re
 import signal
 import subprocess
@@ -59,3 +60,39 @@ def test_dev_stack_serves_a_job_and_stops_on_interrupt() -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_make_dev_takes_the_callers_settings() -> None:
+    """`BUNCH_API_KEYS=... BUNCH_MAX_CONCURRENCY=1 make dev` runs with those settings, not the stack's,
+    and its banner names the projects of the caller's keys without printing the keys."""
+    port = free_port()
+    keys = {"k1-0123456789abcdefghij": "p1", "k2-0123456789abcdefghij": "p2"}
+    env = base_env(
+        {"BUNCH_API_KEYS": ",".join(f"{key}:{project}" for key, project in keys.items()), "BUNCH_MAX_CONCURRENCY": "1"}
+    )
+    proc = subprocess.Popen(
+        ["make", "-s", "dev", f"DEV_ARGS=--port {port}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # make and the stack under it stop together on the group's SIGINT
+    )
+    try:
+        url = _read_until(proc, r"API\s+(http://\S+)").group(1)
+        banner = _read_until(proc, r"Try:")
+        assert "projects p1, p2" in banner.string
+        assert not any(key in banner.string for key in keys)
+        assert "BUNCH_MAX_CONCURRENCY=1" in banner.string
+        for key in keys:
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as api:
+                stats = api.get("/api/queue/stats")
+                assert stats.status_code == 200, stats.text
+                assert stats.json()["dispatcher"]["max_concurrency"] == 1
+        refused = httpx.get(f"{url}/api/queue/stats", headers={"Authorization": "Bearer dev-key"}, timeout=30)
+        assert refused.status_code == 401
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        # make waits for the stack to stop, then ends by the same signal.
+        assert proc.wait(timeout=30) in (0, -signal.SIGINT)

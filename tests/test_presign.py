@@ -50,12 +50,12 @@ def test_virtual_host_endpoints_are_left_to_minio() -> None:
     assert not path_style_endpoint("https://s3.eu-west-3.amazonaws.com")
     assert not path_style_endpoint("https://oss-cn-hangzhou.aliyuncs.com")
     aws = Storage(Settings(s3_endpoint="https://s3.eu-west-3.amazonaws.com", s3_region="eu-west-3"))
-    assert aws.presigner is None
+    assert aws.links.presigner is None
     assert aws.presigned_get("k").startswith("https://bunch.s3.eu-west-3.amazonaws.com/k?")
 
 
 async def test_the_s3_server_accepts_the_links(storage: Storage) -> None:
-    assert storage.presigner is not None
+    assert storage.links.presigner is not None
     async with aiohttp.ClientSession() as http:
         async with http.put(storage.presigned_put("presign/ké y.bin"), data=b"payload") as resp:
             assert resp.status == 200, await resp.text()
@@ -64,3 +64,23 @@ async def test_the_s3_server_accepts_the_links(storage: Storage) -> None:
             assert await resp.read() == b"payload"
             assert resp.headers["Content-Disposition"] == 'attachment; filename="out.bin"'
     # moto does not check signatures: that they are right is what the comparison with minio shows.
+
+
+async def test_workers_links_are_signed_for_their_endpoint_and_people_s_for_the_public_one(
+    storage: Storage, settings: Settings
+) -> None:
+    """compose's `local` profile: people reach the object store on localhost, the RunPod workers beside
+    it on its service name. A link signed for the wrong host is refused (SigV4 signs the Host)."""
+    split = Storage(
+        settings.model_copy(
+            update={"s3_public_endpoint": "http://localhost:1", "s3_worker_endpoint": settings.s3_endpoint}
+        )
+    )
+    assert split.presigned_get("k").startswith("http://localhost:1/bunch/k?")
+    worker_put = split.worker_links.put("presign/worker.bin")
+    assert worker_put.startswith(f"{settings.s3_endpoint}/")
+    async with aiohttp.ClientSession() as http, http.put(worker_put, data=b"from a worker") as resp:
+        assert resp.status == 200, await resp.text()
+    assert await storage.get_bytes("presign/worker.bin") == b"from a worker"
+    # Unset, the workers get the people's links.
+    assert storage.worker_links is storage.links

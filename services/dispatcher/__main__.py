@@ -27,6 +27,8 @@ from shared.streams import StreamConsumer, consumer_name
 async def main(settings: Settings) -> None:
     refuse_unsafe_secrets(settings)
     redis = connect(settings)
+    # Up before Redis is: the probes must answer while the service waits for it.
+    exporter = await metrics.serve(redis, settings.metrics_port) if settings.metrics_port else None
     await wait_until_usable(redis)
     store = JobStore(redis, settings)
     runs = RunStore(redis, settings)
@@ -78,7 +80,6 @@ async def main(settings: Settings) -> None:
         health = HealthReader(runpod, upstream, settings.runpod_health_interval_seconds)
         # No stream for new jobs: create.lua queues each one itself and only announces it on Pub/Sub.
         wakeups = JobWakeups(redis, wakeup)
-        exporter = await metrics.serve(redis, settings.metrics_port) if settings.metrics_port else None
         settle_garbage_collector()
         await run_until_signalled([wakeups.run, outcomes.run, control.run, dispatcher.run, poller.run, health.run])
         if exporter is not None:

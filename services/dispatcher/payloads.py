@@ -29,7 +29,7 @@ def build_run_input(
     def reference_url(upload_id: str) -> str:
         # Presign each reference once per run, not once per image.
         if upload_id not in reference_urls:
-            reference_urls[upload_id] = storage.presigned_get(keys.upload_object(upload_id), expires_seconds=expires)
+            reference_urls[upload_id] = storage.worker_links.get(keys.upload_object(upload_id), expires_seconds=expires)
         return reference_urls[upload_id]
 
     items = []
@@ -40,7 +40,7 @@ def build_run_input(
                 index=index,
                 prompt=slot.prompt,
                 reference_urls=[reference_url(ref) for ref in slot.reference_ids],
-                output_url=storage.presigned_put(
+                output_url=storage.worker_links.put(
                     keys.image_object(run_id, index, attempt, claim), expires_seconds=expires
                 ),
             )

@@ -10,8 +10,10 @@ from services.packager.downloads import DownloadBuilder
 from services.packager.notifier import run_notifier
 from services.packager.packaging import Packager
 from services.packager.retention import RetentionSchedule
+from services.packager.shutdown import ZipWriters
 from shared import keys, metrics
 from shared.archive import JobArchive
+from shared.bucket_setup import prepare_bucket
 from shared.lifecycle import run_service, run_until_signalled
 from shared.redis_connection import connect, wait_until_usable
 from shared.secret_policy import refuse_unsafe_secrets
@@ -24,18 +26,21 @@ from shared.streams import StreamConsumer, consumer_name
 async def main(settings: Settings) -> None:
     refuse_unsafe_secrets(settings)
     redis = connect(settings)
+    # Up before Redis is: the probes must answer while the service waits for it.
+    exporter = await metrics.serve(redis, settings.metrics_port) if settings.metrics_port else None
     await wait_until_usable(redis)
     storage = Storage(settings)
-    await storage.ensure_bucket()
+    await prepare_bucket(storage)
     store = JobStore(redis, settings, JobArchive(storage))
     name = consumer_name(settings, "packager")
+    writers = ZipWriters()
     # batch=1 and a heartbeat: a ZIP can take minutes, and must not be claimed as abandoned meanwhile.
     jobs = StreamConsumer(
         redis,
         keys.PACKAGING_STREAM,
         keys.PACKAGER_GROUP,
         name,
-        Packager(store, storage, settings),
+        Packager(store, storage, settings, writers),
         batch=1,
         heartbeat=True,
         claim_idle_ms=settings.stream_claim_idle_ms,
@@ -45,15 +50,15 @@ async def main(settings: Settings) -> None:
         keys.DOWNLOADS_STREAM,
         keys.PACKAGER_GROUP,
         name,
-        DownloadBuilder(redis, store, storage, settings),
+        DownloadBuilder(redis, store, storage, settings, writers),
         batch=1,
         heartbeat=True,
         claim_idle_ms=settings.stream_claim_idle_ms,
     )
     retention = RetentionSchedule(redis, storage, settings)
     notifier = partial(run_notifier, redis, settings, storage)
-    exporter = await metrics.serve(redis, settings.metrics_port) if settings.metrics_port else None
-    await run_until_signalled([jobs.run, downloads.run, notifier, retention.run])
+    wind_down = partial(writers.wind_down, grace_seconds=settings.packager_shutdown_grace_seconds)
+    await run_until_signalled([jobs.run, downloads.run, notifier, retention.run, wind_down])
     if exporter is not None:
         await exporter.cleanup()
     await redis.aclose()

@@ -16,6 +16,7 @@ from typing import Any
 from minio.error import S3Error
 from redis.asyncio import Redis
 
+from services.packager.shutdown import ZipWriters
 from services.packager.zipper import ZipEntry, safe_zip_path, truncate_utf8, write_zip
 from shared import keys, planning
 from shared.errors import Invalid
@@ -121,8 +122,11 @@ def zip_entries(folders: list[_Folder], manifest_json: bytes) -> Iterator[ZipEnt
 
 
 class DownloadBuilder:
-    def __init__(self, redis: Redis, store: JobStore, storage: Storage, settings: Settings) -> None:
+    def __init__(
+        self, redis: Redis, store: JobStore, storage: Storage, settings: Settings, writers: ZipWriters | None = None
+    ) -> None:
         self.redis = redis
+        self.writers = writers or ZipWriters()
         self.store = store
         self.storage = storage
         self.settings = settings
@@ -168,7 +172,10 @@ class DownloadBuilder:
         zip_key = keys.download_object(record.id)
         entries = zip_entries(folders, manifest_json)
         try:
-            size = await asyncio.to_thread(write_zip, self.storage, zip_key, entries, self.settings.zip_part_size)
+            with self.writers.writing() as abandon:
+                size = await asyncio.to_thread(
+                    write_zip, self.storage, zip_key, entries, self.settings.zip_part_size, abandon
+                )
         except S3Error as exc:
             if exc.code in {"NoSuchKey", "NoSuchObject"}:  # an image was purged by retention meanwhile
                 raise _Unbuildable(f"an image is no longer stored ({exc.resource})") from None

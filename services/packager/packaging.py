@@ -13,6 +13,7 @@ from typing import Any
 from minio.error import S3Error
 from redis.exceptions import WatchError
 
+from services.packager.shutdown import ZipWriters
 from services.packager.zipper import ObjectMismatch, ZipEntry, write_zip
 from shared import keys, metrics, planning
 from shared.models import ImageStatus, JobStatus
@@ -85,10 +86,13 @@ def zip_entries(images: dict[int, ImageRecord], manifest_json: bytes) -> Iterato
 
 
 class Packager:
-    def __init__(self, store: JobStore, storage: Storage, settings: Settings) -> None:
+    def __init__(
+        self, store: JobStore, storage: Storage, settings: Settings, writers: ZipWriters | None = None
+    ) -> None:
         self.store = store
         self.storage = storage
         self.settings = settings
+        self.writers = writers or ZipWriters()
 
     async def __call__(self, fields: dict[str, str]) -> None:
         await self.package(fields["job_id"])
@@ -124,7 +128,10 @@ class Packager:
             key = keys.zip_object(job_id)
             entries = zip_entries(images, manifest_json)
             try:
-                size = await asyncio.to_thread(write_zip, self.storage, key, entries, self.settings.zip_part_size)
+                with self.writers.writing() as abandon:
+                    size = await asyncio.to_thread(
+                        write_zip, self.storage, key, entries, self.settings.zip_part_size, abandon
+                    )
                 break
             except ObjectMismatch as exc:
                 unusable = {exc.object_key: exc.detail}

@@ -16,6 +16,7 @@ archive of unknown length does not have.
 
 import io
 import stat
+import threading
 import unicodedata
 import zlib
 from collections.abc import Iterable, Iterator
@@ -70,6 +71,10 @@ class ZipEntry:
             raise ValueError(f"ZipEntry {self.name!r}: give size and crc32 together or neither")
 
 
+class ZipAbandoned(Exception):
+    """The writer was asked to stop (services/packager/shutdown.py) before the ZIP was complete."""
+
+
 class _ChunkReader(io.RawIOBase):
     """Raw, read-only file over an iterator of byte chunks.
 
@@ -78,9 +83,10 @@ class _ChunkReader(io.RawIOBase):
     one part, which is what minio's read loop expects.
     """
 
-    def __init__(self, chunks: Iterable[bytes]) -> None:
+    def __init__(self, chunks: Iterable[bytes], abandon: threading.Event | None = None) -> None:
         super().__init__()
         self._chunks: Iterator[bytes] = iter(chunks)
+        self._abandon = abandon
         self._pending = memoryview(b"")
         self._exhausted = False
         self.bytes_read = 0
@@ -89,6 +95,8 @@ class _ChunkReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
+        if self._abandon is not None and self._abandon.is_set():
+            raise ZipAbandoned("the ZIP was abandoned: the packager is shutting down")
         target = memoryview(buffer).cast("B")
         filled = 0
         # Fill the whole buffer when possible: a short read makes BufferedReader call us again
@@ -197,15 +205,20 @@ def _members(storage: Storage, entries: Iterable[ZipEntry]) -> Iterator[MemberFi
         yield entry.name, _zip_time(entry.modified_at), _FILE_MODE, method, chunks
 
 
-def write_zip(storage: Storage, key: str, entries: Iterable[ZipEntry], part_size: int) -> int:
+def write_zip(
+    storage: Storage, key: str, entries: Iterable[ZipEntry], part_size: int, abandon: threading.Event | None = None
+) -> int:
     """Write `entries` as a ZIP to `key` and return the archive size in bytes. Blocking.
+
+    Once `abandon` is set the writer stops at its next read (one part at most later) with
+    ZipAbandoned, and minio aborts the multipart upload.
 
     Peak memory is about what minio needs for one multipart part (it briefly holds ~3 copies while
     splicing parts) plus a few chunks, independent of archive size. `entries` is consumed lazily.
     On failure minio aborts the multipart upload, so no partial object is left at `key`.
     """
     zipped = stream_zip(_members(storage, entries), chunk_size=_ZIP_CHUNK_SIZE)
-    raw = _ChunkReader(zipped)
+    raw = _ChunkReader(zipped, abandon)
     # buffer_size only matters for small reads; minio's part-sized reads bypass the buffer.
     with io.BufferedReader(raw, buffer_size=io.DEFAULT_BUFFER_SIZE) as reader:
         stored = storage.put_stream(key, reader, part_size, "application/zip")

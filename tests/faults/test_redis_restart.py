@@ -106,3 +106,31 @@ async def test_redis_restarted_while_a_zip_is_written(stack: Stack, api: httpx.A
     # The packager kept at the ZIP it was writing; it did not start a second one beside it.
     log = (stack.workdir / "s3.log").read_text()
     assert log.count(f'"PUT /bunch/{keys.zip_object(job_id)}') == 1
+
+
+async def test_liveness_never_asks_redis_and_readiness_does(stack: Stack) -> None:
+    """A Redis outage must make the dispatcher and packager unready (no traffic, no scrape of stale
+    figures) but not dead: a liveness probe that failed with Redis would restart every pod at once."""
+    urls = {name: stack.metrics_url(name).removesuffix("/metrics") for name in ("dispatcher-0", "packager-0")}
+
+    async def answers(path: str) -> dict[str, int]:
+        async with httpx.AsyncClient(timeout=10) as http:
+            return {name: (await http.get(url + path)).status_code for name, url in urls.items()}
+
+    await wait_for(lambda: _all_ready(urls), within=30, every=0.2, what="the services started")
+    assert await answers("/livez") == {name: 200 for name in urls}
+    stack.processes["redis"].stop()
+    try:
+        assert await answers("/livez") == {name: 200 for name in urls}
+        assert await answers("/readyz") == {name: 503 for name in urls}
+    finally:
+        stack.restart_redis()
+    await wait_for(lambda: _all_ready(urls), within=30, every=0.2, what="the services ready again once Redis is back")
+
+
+async def _all_ready(urls: dict[str, str]) -> bool:
+    async with httpx.AsyncClient(timeout=10) as http:
+        try:
+            return all([(await http.get(url + "/readyz")).status_code == 200 for url in urls.values()])
+        except httpx.ConnectError:  # not listening yet
+            return False
