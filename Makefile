@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install dev test lint typecheck check bench clean
+.PHONY: install dev test lint typecheck check bench smoke clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ typecheck: install
 	$(BIN)/mypy shared services deploy bench bunch_cli tests $(wildcard worker/*.py)
 
 check: lint typecheck test
+
+smoke: install  ## one small real job against real RunPod and Gemini (skipped, saying why, without their settings)
+	$(BIN)/python -m deploy.smoke
 
 bench: install  ## every benchmark of bench/ (minutes; not part of make test): writes bench/RESULTS.md
 	$(BIN)/python -m bench
