@@ -18,7 +18,7 @@ judged p99 over the target in such a cell is reported as unmeasured (the lag onl
 latency, so a p99 under the target holds).
 
 The gateway runs as the product deploys it: `python -m services.gateway` (uvicorn with the
-gateway's guarded protocol, one process per replica, see deploy/k8s/gateway.yaml and
+gateway's guarded protocol, one process per replica, see deploy/k8s/base/gateway.yaml and
 docker-compose.yml). Two processes means two replicas, each on its own port, with requests spread
 over them in turn, as the Service in front of the replicas spreads them; the product has no
 multi-worker mode (services/gateway/server.py). The bare endpoint (bench/serve_app.py: FastAPI with

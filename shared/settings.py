@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     gateway_keep_alive_seconds: int = Field(5, ge=1)
     # Requests in the app at once per process, SSE streams left out (more get 503): 512 is over
     # twice the 200 clients bench/ runs, and at ~1 MiB each (a JSON body, a multipart part before it
-    # is spooled to disk) fits the 1 GiB memory limit of deploy/k8s/gateway.yaml.
+    # is spooled to disk) fits the 1 GiB memory limit of deploy/k8s/base/gateway.yaml.
     gateway_max_concurrent_requests: int = Field(512, ge=1)
     # Open client connections per process (more are closed at once), bounded further by the process's
     # RLIMIT_NOFILE: the gateway raises its soft limit to the hard one (up to 65536) at start.

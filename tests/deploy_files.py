@@ -1,9 +1,14 @@
 """The deployment files as data: docker-compose.yml, deploy/k8s/ and its Redis templates."""
 
+import functools
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from pydantic import AliasChoices
 
@@ -14,8 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def settings_env_names() -> set[str]:
-    """Every variable the settings read: BUNCH_<NAME>, the aliases, and BUNCH_<SECRET>_FILE."""
-    names = {file_variable(name) for name in SECRET_SETTINGS}
+    names = set()
     for name, field in Settings.model_fields.items():
         names.add(f"BUNCH_{name.upper()}")
         if isinstance(field.validation_alias, AliasChoices):
@@ -28,41 +32,122 @@ def compose() -> dict[str, Any]:
 
 
 # --- Kubernetes manifests -------------------------------------------------------------------
+# deploy/k8s: a kustomize base (no namespace, Bunch's image by its plain name), the overlays that
+# deploy it (production; production-keda, which adds components/keda), and secret.example.yaml,
+# the template of the Secrets, which no kustomization applies.
 
 K8S = ROOT / "deploy" / "k8s"
+K8S_BASE = K8S / "base"
+OVERLAYS = K8S / "overlays"
+PRODUCTION = OVERLAYS / "production"
+PRODUCTION_KEDA = OVERLAYS / "production-keda"
+KEDA_COMPONENT = K8S / "components" / "keda"
+SECRET_TEMPLATE = K8S / "secret.example.yaml"
 SERVICES = ("gateway", "dispatcher", "packager")
+BUNCH_IMAGE = "bunch"  # the base's name for Bunch's image; the overlays pin it by digest
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job")
+
+
+def yaml_documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def kustomization(directory: Path) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    return document
 
 
 def k8s_files() -> list[Path]:
-    return sorted(path for path in K8S.glob("*.yaml") if path.name != "kustomization.yaml")
+    """The base's manifests, as its kustomization lists them."""
+    return [K8S_BASE / name for name in kustomization(K8S_BASE)["resources"]]
 
 
 def k8s_objects() -> list[dict[str, Any]]:
-    objects = []
-    for path in k8s_files():
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc is not None:
-                objects.append(doc)
-    return objects
+    """The base's objects as written (no namespace, plain image names, `redis-config` unhashed)."""
+    return [doc for path in k8s_files() for doc in yaml_documents(path)]
 
 
-def k8s_object(kind: str, name: str) -> dict[str, Any]:
-    found = [o for o in k8s_objects() if o["kind"] == kind and o["metadata"]["name"] == name]
+def k8s_object(kind: str, name: str, objects: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    found = [o for o in (objects or k8s_objects()) if o["kind"] == kind and o["metadata"]["name"] == name]
     assert len(found) == 1, (kind, name, len(found))
     return found[0]
 
 
-def pod_containers() -> list[tuple[str, dict[str, Any]]]:
-    return [
-        (obj["metadata"]["name"], container)
-        for obj in k8s_objects()
-        if obj["kind"] in ("Deployment", "StatefulSet")
-        for container in obj["spec"]["template"]["spec"]["containers"]
-    ]
+def pod_spec_of(obj: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = obj["spec"]["template"]["spec"]
+    return spec
 
 
-def bunch_containers() -> list[tuple[str, dict[str, Any]]]:
-    return [(name, c) for name, c in pod_containers() if c["image"] == "bunch:latest"]
+def pod_templates(objects: list[dict[str, Any]] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(workload name, pod spec) of every workload; a CronJob's job template counts too."""
+    templates = []
+    for obj in objects or k8s_objects():
+        if obj["kind"] in WORKLOAD_KINDS:
+            templates.append((obj["metadata"]["name"], pod_spec_of(obj)))
+        elif obj["kind"] == "CronJob":
+            templates.append((obj["metadata"]["name"], obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
+    return templates
+
+
+def pod_containers(objects: list[dict[str, Any]] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    return [(name, container) for name, spec in pod_templates(objects) for container in spec["containers"]]
+
+
+def all_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """A pod's init containers and containers."""
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def bunch_containers(objects: list[dict[str, Any]] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """The containers of Bunch's own image (the services), whatever registry and digest pin it."""
+    return [(name, c) for name, c in pod_containers(objects) if image_name(c["image"]) == BUNCH_IMAGE]
+
+
+def image_name(image: str) -> str:
+    """`registry.example.com/bunch/bunch:tag@sha256:...` -> `bunch`."""
+    path = image.split("@")[0]
+    last = path.rsplit("/", 1)[-1]
+    return last.split(":")[0]
+
+
+def secret_templates() -> dict[str, dict[str, str]]:
+    """secret.example.yaml's Secrets: name -> stringData."""
+    return {doc["metadata"]["name"]: doc["stringData"] for doc in yaml_documents(SECRET_TEMPLATE)}
+
+
+def secret_file_variables() -> set[str]:
+    """BUNCH_<NAME>_FILE of every secret setting (shared/secret_files.py)."""
+    return {file_variable(name) for name in SECRET_SETTINGS}
+
+
+def kubectl() -> str | None:
+    """kubectl from $CHECKS_BIN, else from .venv-checks, else from PATH (None: not installed)."""
+    for folder in (os.environ.get("CHECKS_BIN"), str(ROOT / ".venv-checks" / "bin")):
+        if folder and os.access(Path(folder) / "kubectl", os.X_OK):
+            return str(Path(folder) / "kubectl")
+    return shutil.which("kubectl")
+
+
+@functools.cache
+def _kustomize(directory: Path) -> str:
+    binary = kubectl()
+    if binary is None:
+        pytest.skip("kubectl is not installed (CHECKS_BIN, .venv-checks/bin or PATH)")
+    built = subprocess.run([binary, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    return built.stdout
+
+
+def rendered(directory: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize directory`, as objects (the test is skipped without kubectl)."""
+    return [doc for doc in yaml.safe_load_all(_kustomize(directory)) if doc is not None]
+
+
+def deployed_objects() -> list[dict[str, Any]]:
+    """What the overlays deploy (production-keda adds to production), or the base's files without kubectl."""
+    if kubectl() is None:
+        return k8s_objects()
+    return rendered(PRODUCTION) + rendered(PRODUCTION_KEDA)
 
 
 # --- Redis behind Sentinel -----------------------------------------------------------------
@@ -71,7 +156,7 @@ def bunch_containers() -> list[tuple[str, dict[str, Any]]]:
 # Redis server, plus a replica and three Sentinels under the `ha` profile. The last tests run those
 # very configs on the local redis-server and have the Sentinels fail over.
 
-REDIS_DIR = K8S / "redis"
+REDIS_DIR = K8S_BASE / "redis"
 MASTER = "bunch"
 REDIS_COMPONENTS = ("redis", "redis-sentinel")
 SENTINEL_SERVICES = ("sentinel-1", "sentinel-2", "sentinel-3")

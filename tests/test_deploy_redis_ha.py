@@ -19,7 +19,7 @@ import yaml
 
 from deploy.processes import free_port
 from tests.deploy_files import (
-    K8S,
+    K8S_BASE,
     MASTER,
     REDIS_COMPONENTS,
     REDIS_DIR,
@@ -31,6 +31,8 @@ from tests.deploy_files import (
     k8s_object,
     k8s_objects,
     redis_template,
+    rendered,
+    secret_templates,
 )
 
 
@@ -54,9 +56,25 @@ def pod_names(statefulset: str) -> list[str]:
     return [f"{statefulset}-{i}.{obj['spec']['serviceName']}" for i in range(obj["spec"]["replicas"])]
 
 
-def secret_templates() -> dict[str, dict[str, str]]:
-    docs = yaml.safe_load_all((K8S / "secret.example.yaml").read_text())
-    return {doc["metadata"]["name"]: doc["stringData"] for doc in docs if doc and doc["kind"] == "Secret"}
+def secret_files(spec: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Each file path of the container's mounted Secrets -> (Secret, key)."""
+    volumes = {volume["name"]: volume for volume in spec.get("volumes", [])}
+    files = {}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes.get(mount["name"], {})
+        sources = [s["secret"] for s in volume.get("projected", {}).get("sources", []) if "secret" in s]
+        if "secret" in volume:
+            sources.append({"name": volume["secret"]["secretName"], "items": volume["secret"].get("items")})
+        for source in sources:
+            items = source.get("items") or [{"key": k, "path": k} for k in secret_templates()[source["name"]]]
+            for item in items:
+                files[f"{mount['mountPath']}/{item['path']}"] = (source["name"], item["key"])
+    return files
+
+
+def secret_of(spec: dict[str, Any], container: dict[str, Any], variable: str) -> tuple[str, str]:
+    """The (Secret, key) whose file the `*_FILE` variable names."""
+    return secret_files(spec, container)[env_of(container)[variable]["value"]]
 
 
 def sentinel_lines_of_compose() -> list[str]:
@@ -87,11 +105,14 @@ def test_k8s_redis_is_a_primary_with_replicas_and_three_sentinels() -> None:
     assert "redis.sh redis-config > /etc/redis/redis.conf" in init["command"][-1]
     assert server["command"] == ["redis-server", "/etc/redis/redis.conf"]
     assert server["readinessProbe"]["exec"]["command"] == ["sh", "/config/redis.sh", "ready"]
+    assert server["livenessProbe"]["exec"]["command"] == ["sh", "/config/redis.sh", "alive"]
     assert server["lifecycle"]["preStop"]["exec"]["command"] == ["sh", "/config/redis.sh", "hand-over"]
     (init,) = pod_spec("redis-sentinel")["initContainers"]
     (sentinel,) = pod_spec("redis-sentinel")["containers"]
     assert "redis.sh sentinel-config > /etc/redis/sentinel.conf" in init["command"][-1]
     assert sentinel["command"] == ["redis-server", "/etc/redis/sentinel.conf", "--sentinel"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert sentinel[probe]["exec"]["command"] == ["sh", "/config/redis.sh", "sentinel-alive"]
     assert sentinel["ports"] == [{"name": "sentinel", "containerPort": 26379}]
 
 
@@ -126,17 +147,25 @@ def test_k8s_redis_and_sentinels_spread_and_survive_disruptions() -> None:
         pdb = k8s_object("PodDisruptionBudget", component)
         assert pdb["apiVersion"] == "policy/v1" and pdb["spec"]["maxUnavailable"] == 1
         assert pdb["spec"]["selector"]["matchLabels"] == statefulset["spec"]["selector"]["matchLabels"]
-        (term,) = pod_spec(component)["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
-        assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
-        assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
-        assert term["podAffinityTerm"]["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == component
+        # One per zone and per node where the cluster has them; a smaller cluster still runs all.
+        spread = {c["topologyKey"]: c for c in pod_spec(component)["topologySpreadConstraints"]}
+        assert sorted(spread) == ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+        for constraint in spread.values():
+            assert constraint["maxSkew"] == 1 and constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+            assert constraint["labelSelector"]["matchLabels"].items() <= labels.items()
+            assert constraint["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == component
 
 
 def test_k8s_redis_and_sentinels_run_locked_down() -> None:
+    # The Redis servers as the official image's `redis` (uid 999), who owns the files on their data
+    # volumes; the Sentinels, which keep nothing on disk, as a uid no host user has. Both in the
+    # image's `redis` group (1000), the group of the mounted Secret's files.
+    assert pod_spec("redis")["securityContext"]["runAsUser"] == 999
+    assert pod_spec("redis-sentinel")["securityContext"]["runAsUser"] > 10000
     for component in REDIS_COMPONENTS:
         spec = pod_spec(component)
         pod = spec["securityContext"]
-        assert pod["runAsNonRoot"] is True and pod["runAsUser"] == 999  # the official image's `redis`
+        assert pod["runAsNonRoot"] is True and pod["runAsGroup"] == pod["fsGroup"] == 1000
         assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
         for container in all_containers(component):
             context = container["securityContext"]
@@ -153,7 +182,7 @@ def test_k8s_redis_and_sentinels_run_locked_down() -> None:
     assert "/data" in {m["mountPath"] for m in server["volumeMounts"]}
 
 
-def test_k8s_redis_auth_comes_from_a_secret() -> None:
+def test_k8s_redis_auth_comes_from_a_secret_as_files() -> None:
     templates = secret_templates()
     auth = templates["redis-auth"]
     for value in auth.values():
@@ -165,15 +194,19 @@ def test_k8s_redis_auth_comes_from_a_secret() -> None:
         spec = obj["spec"]["template"]["spec"]
         for container in [*spec.get("initContainers", []), *spec["containers"]]:
             for entry in container.get("env", []):
-                if ref := entry.get("valueFrom", {}).get("secretKeyRef"):
-                    assert ref["key"] in templates[ref["name"]], (obj["metadata"]["name"], ref)
-                    referenced.add((obj["metadata"]["name"], entry["name"], ref["key"]))
+                assert "secretKeyRef" not in entry.get("valueFrom", {}), entry  # never in the environment
+                if entry["name"].endswith("_FILE"):
+                    secret, key = secret_of(spec, container, entry["name"])
+                    assert key in templates[secret], (obj["metadata"]["name"], entry)
+                    referenced.add((obj["metadata"]["name"], container["name"], entry["name"], key))
     for component in REDIS_COMPONENTS:
-        assert (component, "REDIS_PASSWORD", "redis-password") in referenced
-        assert (component, "SENTINEL_PASSWORD", "sentinel-password") in referenced
+        assert (component, "config", "REDIS_PASSWORD_FILE", "redis-password") in referenced
+        assert (component, "config", "SENTINEL_PASSWORD_FILE", "sentinel-password") in referenced
+    assert ("redis", "redis", "REDIS_PASSWORD_FILE", "redis-password") in referenced
+    assert ("redis-sentinel", "sentinel", "SENTINEL_PASSWORD_FILE", "sentinel-password") in referenced
     for name in SERVICES:
-        assert (name, "BUNCH_REDIS_URL", "bunch-redis-url") in referenced
-        assert (name, "BUNCH_REDIS_SENTINEL_PASSWORD", "sentinel-password") in referenced
+        assert (name, name, "BUNCH_REDIS_URL_FILE", "bunch-redis-url") in referenced
+        assert (name, name, "BUNCH_REDIS_SENTINEL_PASSWORD_FILE", "sentinel-password") in referenced
 
 
 def test_k8s_services_reach_the_primary_through_the_sentinels() -> None:
@@ -188,10 +221,10 @@ def test_k8s_services_reach_the_primary_through_the_sentinels() -> None:
     assert all(name.endswith(".redis-sentinel") for name, _ in address.sentinels)  # the Sentinels' Service
     assert k8s_object("Service", "redis-sentinel")["spec"]["ports"][0]["port"] == 26379
     for name in SERVICES:
-        (container,) = k8s_object("Deployment", name)["spec"]["template"]["spec"]["containers"]
-        env = env_of(container)
-        assert env["BUNCH_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "redis-auth"
-        assert env["BUNCH_REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"]["optional"] is True
+        spec = k8s_object("Deployment", name)["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        assert secret_of(spec, container, "BUNCH_REDIS_URL_FILE") == ("redis-auth", "bunch-redis-url")
+        assert secret_of(spec, container, "BUNCH_REDIS_SENTINEL_PASSWORD_FILE") == ("redis-auth", "sentinel-password")
 
 
 def test_k8s_network_policy_lets_only_bunch_pods_reach_redis() -> None:
@@ -208,19 +241,14 @@ def test_k8s_network_policy_lets_only_bunch_pods_reach_redis() -> None:
 
 
 def test_kustomization_generates_the_redis_config_map() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    kustomization = yaml.safe_load((K8S_BASE / "kustomization.yaml").read_text())
     (generator,) = kustomization["configMapGenerator"]
     assert generator["name"] == "redis-config"
     assert sorted(generator["files"]) == sorted(f"redis/{p.name}" for p in REDIS_DIR.iterdir())
     for component in REDIS_COMPONENTS:
         volumes = {v["name"]: v for v in pod_spec(component)["volumes"]}
         assert volumes["config"]["configMap"]["name"] == "redis-config"
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed")
-    built = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
-    assert built.returncode == 0, built.stderr
-    objects = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+    objects = rendered(K8S_BASE)
     (config_map,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("redis-")]
     assert set(config_map["data"]) == {"redis.conf", "sentinel.conf", "redis.sh"}
     for obj in objects:
@@ -468,8 +496,8 @@ def test_compose_ha_profile_fails_over_on_local_redis(tmp_path: Path, processes:
 
 class LocalPods:
     """The pods of deploy/k8s's `redis` and `redis-sentinel` StatefulSets as local processes: the
-    manifests' commands, each volume a folder, the ConfigMap a copy of deploy/k8s/redis, the Secret
-    random passwords, and every address one on `host` (each pod on a port of its own)."""
+    manifests' commands, each volume a folder, the ConfigMap a copy of deploy/k8s/base/redis, the
+    Secret's files random passwords, and every address one on `host` (each pod on a port of its own)."""
 
     def __init__(self, directory: Path, processes: Processes, host: str) -> None:
         self.directory = directory
@@ -495,6 +523,11 @@ class LocalPods:
                 if file.name == "sentinel.conf":
                     text = faster(text)
                 (mounts["/config"] / file.name).write_text(text)
+            # The Secret's files, each with the final newline an editor or `echo` leaves.
+            spec = self.specs[self.pods[pod]]
+            for container in [*spec["initContainers"], *spec["containers"]]:
+                for path, (_, key) in secret_files(spec, container).items():
+                    Path(self.command(pod, [path])[0]).write_text(self.secret[key] + "\n")
 
     def mounts(self, pod: str) -> dict[str, Path]:
         spec = self.specs[self.pods[pod]]
@@ -508,7 +541,9 @@ class LocalPods:
         port = "REDIS_PORT" if self.pods[pod] == "redis" else "SENTINEL_PORT"
         env = {**os.environ, port: str(self.ports[pod])}
         for name, entry in env_of(container).items():
-            if "value" in entry:
+            if "value" in entry and name.endswith("_FILE"):
+                env[name] = self.command(pod, [entry["value"]])[0]  # in the pod's folder for that volume
+            elif "value" in entry:
                 env[name] = self.addresses[name]  # every address the manifests set is replaced
             elif ref := entry["valueFrom"].get("secretKeyRef"):
                 env[name] = self.secret[ref["key"]]
@@ -541,7 +576,7 @@ class LocalPods:
         self.processes.start(pod, args, env, self.directory / pod)
 
     def hook(self, pod: str, kind: str) -> int:
-        """Run the readinessProbe or the preStop hook of a Redis pod; its exit status."""
+        """Run a probe or the preStop hook of a Redis or Sentinel pod; its exit status."""
         _, main = self.containers(pod)
         action = main["lifecycle"]["preStop"] if kind == "preStop" else main[kind]
         return self.run(pod, action["exec"]["command"], main).returncode
@@ -586,6 +621,10 @@ def test_k8s_redis_config_hands_over_and_fails_over_on_local_redis(tmp_path: Pat
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).ping()
         assert ask(port, "wrong-password", "PING") is None
+    # Every pod's liveness (and a Sentinel's readiness) probe, with the passwords from their files.
+    for pod in pods.pods:
+        assert pods.hook(pod, "livenessProbe") == 0, pod
+        assert pods.ready(pod), pod
 
     # A rolling update stops redis-0: its preStop hook has a replica promoted first, one that has
     # every write redis-0 accepted, up to the last.
@@ -612,6 +651,7 @@ def test_k8s_redis_config_hands_over_and_fails_over_on_local_redis(tmp_path: Pat
 
     # The new primary's node is lost: the Sentinels promote the last replica.
     processes.stop(lost, signal.SIGKILL)
+    assert pods.hook(lost, "livenessProbe") != 0  # gone: the kubelet would restart it
 
     def promoted() -> bool:
         return named() == {(host, pods.ports[last])} and replication(pods.ports[last], password).get("role") == "master"

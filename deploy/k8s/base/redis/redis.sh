@@ -8,6 +8,9 @@
 #                             in sync with it (readiness: a rolling update waits for that)
 #   redis.sh hand-over        on the primary, before it stops (preStop): pauses writes and has the
 #                             Sentinels promote a replica at once, instead of 5 s of lost primary
+#   redis.sh alive            exits 0 when this Redis server answers at all, loading its AOF included
+#                             (liveness: a restart helps only a process that no longer answers)
+#   redis.sh sentinel-alive   exits 0 when this Sentinel answers (its liveness and readiness)
 #
 # The config names the current primary: the one the Sentinels name (after a failover that is no
 # longer redis-0), else the Redis server that says it is a master, else, when nothing answers (the
@@ -21,6 +24,9 @@
 #   SENTINELS          the Sentinels as host:port, space-separated
 #   REDIS_PASSWORD     every Redis server's requirepass and masterauth; the Sentinels' auth-pass
 #   SENTINEL_PASSWORD  the Sentinels' own requirepass (empty or unset: none)
+#   REDIS_PASSWORD_FILE, SENTINEL_PASSWORD_FILE
+#                      files holding them instead (the Secret `redis-auth` mounted read-only, so the
+#                      passwords are in no environment); a missing Sentinel password file means none
 #   REDIS_PORT, SENTINEL_PORT  the ports this pod listens on (default 6379 and 26379)
 set -eu
 set -f # no globbing of the word-split replies below
@@ -28,7 +34,13 @@ set -f # no globbing of the word-split replies below
 here=$(dirname "$0")
 redis_port=${REDIS_PORT:-6379}
 sentinel_port=${SENTINEL_PORT:-26379}
+if [ -n "${REDIS_PASSWORD_FILE:-}" ]; then
+    REDIS_PASSWORD=$(cat "$REDIS_PASSWORD_FILE")
+fi
 sentinel_password=${SENTINEL_PASSWORD:-}
+if [ -n "${SENTINEL_PASSWORD_FILE:-}" ] && [ -f "$SENTINEL_PASSWORD_FILE" ]; then
+    sentinel_password=$(cat "$SENTINEL_PASSWORD_FILE")
+fi
 # The master name Bunch's BUNCH_REDIS_URL asks for, from the one place that sets it.
 master=$(sed -n 's/^sentinel monitor \([^ ]*\) .*/\1/p' "$here/sentinel.conf")
 
@@ -192,13 +204,23 @@ hand_over() {
     echo "no Sentinel promoted a replica: stopping without a hand-over" >&2
 }
 
+# alive PORT PASSWORD: any answer to PING from the local server on PORT (LOADING, NOAUTH included).
+alive() {
+    if [ -z "$(ask "127.0.0.1:$1" "$2" ping)" ]; then
+        echo "no answer on port $1" >&2
+        exit 1
+    fi
+}
+
 case ${1:-} in
 redis-config) redis_config ;;
 sentinel-config) sentinel_config ;;
 ready) ready ;;
 hand-over) hand_over ;;
+alive) alive "$redis_port" "$REDIS_PASSWORD" ;;
+sentinel-alive) alive "$sentinel_port" "$sentinel_password" ;;
 *)
-    echo "usage: $0 redis-config | sentinel-config | ready | hand-over" >&2
+    echo "usage: $0 redis-config | sentinel-config | ready | hand-over | alive | sentinel-alive" >&2
     exit 2
     ;;
 esac
