@@ -3,15 +3,17 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install dev test lint typecheck check bench smoke clean
+.PHONY: install dev test lint typecheck deploy-check check bench smoke image worker-image clean
 
 install: $(VENV)/.installed
 
-# The worker's pins constrain the services' install too, so the tests run the versions the worker ships.
-$(VENV)/.installed: pyproject.toml worker/requirements.txt
+# requirements/dev.txt pins every package, the worker's and the services' included, with its hashes
+# (the images install their own locks, held to the same versions: requirements/README.md).
+$(VENV)/.installed: pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,bench]' -c worker/requirements.txt
+	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 # Your BUNCH_* variables and .env reach the services; DEV_ARGS="--port 8001 --redis-ha" for the stack.
@@ -29,7 +31,20 @@ lint: install
 typecheck: install
 	$(BIN)/mypy shared services deploy bench bunch_cli tests $(wildcard worker/*.py)
 
-check: lint typecheck test
+deploy-check:  ## compose, Dockerfiles and Kubernetes manifests against their schemas, linters and policies
+	bash deploy/checks/run
+
+check: lint typecheck deploy-check test
+
+# Images (needs a Docker engine): tag them, push them, and pin the pushed digests (docs/deploy.md).
+GIT_SHA      := $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+IMAGE        ?= bunch:$(GIT_SHA)
+WORKER_IMAGE ?= bunch-worker:$(GIT_SHA)
+image:  ## the services' image (gateway, dispatcher, packager)
+	docker build -f deploy/docker/Dockerfile -t $(IMAGE) .
+
+worker-image:  ## the RunPod worker's image
+	docker build -f worker/Dockerfile -t $(WORKER_IMAGE) .
 
 smoke: install  ## one small real job against real RunPod and Gemini (skipped, saying why, without their settings)
 	$(BIN)/python -m deploy.smoke
@@ -38,4 +53,4 @@ bench: install  ## every benchmark of bench/ (minutes; not part of make test): w
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-checks .pytest_cache .mypy_cache .ruff_cache *.egg-info

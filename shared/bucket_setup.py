@@ -35,14 +35,15 @@ async def _setup(attempts: int = 30) -> str | None:
             await prepare_bucket(storage)
             return None
         except S3Error as exc:
-            # Refused (bad credentials, a bucket owned by another account): waiting will not help.
-            return f"{exc.code}: {exc.message}"
+            # A 4xx (bad credentials, a bucket owned by another account): waiting will not help.
+            if exc.response is None or exc.response.status < 500 or attempt == attempts:
+                return f"{exc.code}: {exc.message}"
         except ValueError as exc:  # minio refuses a bucket name before asking the store
             return str(exc)
         except (OSError, urllib3.exceptions.HTTPError) as exc:  # the store is still starting
             if attempt == attempts:
                 return f"the object store did not answer: {exc}"
-            await asyncio.sleep(min(2.0, 0.2 * attempt))
+        await asyncio.sleep(min(2.0, 0.2 * attempt))
     return None
 
 
