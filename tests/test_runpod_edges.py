@@ -192,6 +192,40 @@ async def test_a_refused_run_holds_the_queue_and_keeps_the_run_for_later(
     assert (claimed.run_id, claimed.attempt) in [(run.run_id, run.attempt) for run in again]
 
 
+async def test_an_unreachable_runpod_holds_the_queue_for_a_while_and_keeps_the_run(
+    http: aiohttp.ClientSession, fresh_redis: Redis, settings: Settings, storage: Storage
+) -> None:
+    """No answer at all (a wrong URL, a network down): not the same attempt retried forever, each
+    run on its own, with nothing shown; the queue waits visibly, and starts again by itself."""
+    settings = settings.model_copy(update={"retry_backoff_seconds": 2.0, "retry_backoff_max_seconds": 60.0})
+    store, runs, upstream = JobStore(fresh_redis, settings), RunStore(fresh_redis, settings), UpstreamStore(fresh_redis)
+    await store.create("p", SemiAutoJobRequest(mode="semi_auto", prompts=["p"], images_per_prompt=8))
+    nowhere = client(http, f"http://127.0.0.1:{free_port()}", attempts=1)  # nothing listens there
+    dispatcher = Dispatcher(runs, ConfigCache(store), storage, nowhere, settings, asyncio.Event(), upstream)
+    (claimed,) = (await runs.acquire_many(time.time(), time.time() + 30, 1)).runs
+
+    await dispatcher.start(*claimed)
+
+    hold = await upstream.current()
+    assert hold is not None and hold.reason == "runpod_unreachable", hold
+    assert hold.until is not None and 0 < hold.until - time.time() <= 2.0, hold  # retry_backoff_seconds
+    run = await runs.run(claimed.run_id)
+    assert run is not None and (run.status, run.attempt) == (RunStatus.QUEUED, claimed.attempt), run
+    assert (await runs.acquire_many(time.time(), time.time() + 30, 4)).runs == []  # held, for now
+    # The hold ends by itself: the run, still on its first attempt, is claimed again.
+    later = hold.until + 0.1
+    again = (await runs.acquire_many(later, later + 30, 4)).runs
+    [retried] = [r for r in again if r.run_id == claimed.run_id]
+    assert retried.attempt == claimed.attempt
+    for other in again:
+        if other is not retried:
+            await runs.requeue(other.run_id, other.attempt, other.claim, later, new_attempt=False, reason="test")
+    # Still no answer: the next hold lasts twice as long.
+    await dispatcher.start(*retried)
+    hold = await upstream.current()
+    assert hold is not None and hold.until is not None and 2.0 < hold.until - time.time() <= 4.0, hold
+
+
 async def test_a_runs_links_outlive_its_wait_in_runpods_queue(
     fresh_redis: Redis, settings: Settings, storage: Storage
 ) -> None:

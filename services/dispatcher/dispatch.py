@@ -52,6 +52,9 @@ class Dispatcher:
         # Run outcomes waiting for the next pass, with whoever waits to hear they are stored.
         self._completions: list[tuple[Completion, asyncio.Future[bool]]] = []
         self._stopped = False
+        # Holds in a row for an unreachable RunPod: each lasts twice the one before. Pacing only,
+        # per replica; nothing is lost with it.
+        self._unreachable_holds = 0
 
     async def run(self, stop: asyncio.Event, idle_wait: float = 0.25) -> None:
         while not stop.is_set():
@@ -157,6 +160,7 @@ class Dispatcher:
             # Redis trouble: the run stays claimed and the poller requeues it once overdue.
             log.exception("could not start run %s", run_id, extra=ids)
             return
+        self._unreachable_holds = 0
         metrics.DISPATCH_LATENCY.observe(time.monotonic() - claimed)
         metrics.RUNS_STARTED.inc()
         # Recorded by the next pass, which the next run outcome brings when runs are many; a pass
@@ -207,6 +211,23 @@ class Dispatcher:
         if fields.get("action") == "cancel":
             await self.cancel_on_runpod(json.loads(fields.get("runpod_ids") or "[]"))
 
+    async def _hold_while_unreachable(self, run: ClaimedRun, exc: RunPodError) -> None:
+        """No answer at all, after the client's own retries (a wrong URL, DNS, a network down):
+        every run would fail the same way. The queue waits, visibly (/api/queue/stats, the console),
+        instead of each run retrying on its own with nothing shown; the hold ends by itself, and the
+        next one, while RunPod stays out of reach, lasts twice as long (up to the retry cap)."""
+        current = await self.upstream.current()
+        if current is None or current.reason != "runpod_unreachable":
+            self._unreachable_holds += 1  # not for runs that were already on their way meanwhile
+        base, cap = self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds
+        wait = min(cap, base * 2 ** (self._unreachable_holds - 1))
+        now = time.time()
+        if await self.upstream.hold("runpod_unreachable", f"RunPod did not answer /run: {exc}", now + wait):
+            metrics.UPSTREAM_HOLDS.labels("runpod_unreachable").inc()
+            log.warning("RunPod did not answer (%s): holding the queue for %.0fs", exc, wait)
+        # The same attempt: it never started, so nothing of it can arrive later.
+        await self.runs.requeue(run.run_id, run.attempt, run.claim, now + wait, new_attempt=False, reason=str(exc))
+
     async def _not_started(self, run: ClaimedRun, slots: Sequence[int], exc: RunPodError) -> None:
         run_id, attempt, claim = run
         ids = {"job_id": keys.split_run_id(run_id)[0], "run_id": run_id, "attempt": attempt}
@@ -218,6 +239,9 @@ class Dispatcher:
                 metrics.UPSTREAM_HOLDS.labels("runpod_auth_failed").inc()
                 log.error("RunPod refused run %s (%s): holding the queue", run_id, exc, extra=ids)
             await self.runs.requeue(run_id, attempt, claim, time.time(), new_attempt=False, reason=str(exc))
+            return
+        if exc.status is None:
+            await self._hold_while_unreachable(run, exc)
             return
         if exc.retryable:
             delay = backoff_delay(attempt, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)

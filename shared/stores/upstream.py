@@ -27,7 +27,7 @@ HEALTH_KEPT_INTERVALS = 4
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    reason: str  # quota_exhausted, auth_failed, runpod_auth_failed
+    reason: str  # quota_exhausted, auth_failed, runpod_auth_failed, runpod_unreachable
     detail: str
     since: float
     until: float | None  # None: until an operator releases it

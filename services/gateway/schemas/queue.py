@@ -78,7 +78,9 @@ class DispatcherState(BaseModel):
 class UpstreamHoldState(BaseModel):
     """No run of any project starts while this is in place: every one would fail the same way."""
 
-    reason: str = Field(description="quota_exhausted, auth_failed (Gemini) or runpod_auth_failed")
+    reason: str = Field(
+        description="quota_exhausted, auth_failed (Gemini), runpod_auth_failed or runpod_unreachable (ends by itself)"
+    )
     detail: str
     since: datetime
     until: datetime | None = Field(description="when it ends by itself (a daily quota resets); null: by an operator")
