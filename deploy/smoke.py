@@ -10,6 +10,7 @@ RunPod cannot call back to this machine, so runs are followed by polling /status
 
 import io
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -19,7 +20,7 @@ import httpx
 from PIL import Image
 
 from deploy.processes import ROOT, scratch_dir
-from deploy.stack import DEV_API_KEY, caller_settings, start_stack
+from deploy.stack import caller_settings, start_stack
 
 NEEDED = ("BUNCH_RUNPOD_API_KEY", "BUNCH_RUNPOD_ENDPOINT_ID", "BUNCH_S3_ENDPOINT", "BUNCH_S3_SECRET_KEY")
 TIMEOUT_SECONDS = 900  # a cold RunPod worker pulls its image first
@@ -35,8 +36,12 @@ def run_smoke(settings: dict[str, str]) -> str:
     """Runs the job; returns a one-line summary, raises AssertionError on any failure."""
     workdir = scratch_dir("bunch-smoke-")
     env = {"BUNCH_WEBHOOK_GRACE_SECONDS": "5", "BUNCH_POLL_INTERVAL_SECONDS": "5", **settings}
-    env.setdefault("BUNCH_API_KEYS", f"{DEV_API_KEY}:smoke")
-    api_key = env["BUNCH_API_KEYS"].split(",")[0].split(":")[0]
+    # The gateway here is the smoke test's own, for as long as it runs: a key of its own, whatever
+    # keys (variable, file or folder) the settings name, which would stay unused anyway.
+    for name in ("BUNCH_API_KEYS", "BUNCH_API_KEYS_FILE", "BUNCH_API_KEYS_DIR"):
+        env.pop(name, None)
+    api_key = secrets.token_urlsafe(24)
+    env["BUNCH_API_KEYS"] = f"{api_key}:smoke"
     stack = start_stack(workdir, runpod_workers=1, service_env=env)
     started = time.monotonic()
     try:

@@ -3,6 +3,7 @@ Here "real" is the emulators, reached by configuration alone, as the real servic
 
 import subprocess
 import sys
+from pathlib import Path
 
 from deploy.processes import ROOT, base_env
 from deploy.stack import EMULATOR_KEY
@@ -17,7 +18,9 @@ def test_without_settings_it_says_what_is_missing_and_passes() -> None:
     assert "smoke skipped: set BUNCH_RUNPOD_API_KEY, BUNCH_RUNPOD_ENDPOINT_ID" in done.stdout
 
 
-def test_with_settings_it_runs_one_job_to_its_zip() -> None:
+def test_with_settings_it_runs_one_job_to_its_zip(tmp_path: Path) -> None:
+    keys = tmp_path / "api-keys"
+    keys.write_text("callers-key-0123456789abcdef:theirs\n")
     with running_stack("bunch-smoke-upstream-", runpod_workers=1, services=()) as upstream:
         env = base_env(
             {
@@ -27,6 +30,8 @@ def test_with_settings_it_runs_one_job_to_its_zip() -> None:
                 "BUNCH_S3_ENDPOINT": upstream.s3_url,
                 "BUNCH_S3_ACCESS_KEY": "smoke-access-key",
                 "BUNCH_S3_SECRET_KEY": "smoke-secret-key-0123456789",
+                # The caller's keys, as a file: the smoke test uses a key of its own beside them.
+                "BUNCH_API_KEYS_FILE": str(keys),
             }
         )
         done = subprocess.run(
