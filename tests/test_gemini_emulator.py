@@ -34,6 +34,8 @@ OTHER_KEY = "second-key"
 DEFAULT_CONFIG = {
     "latency_ms": 0, "error_rate": 0.0, "rate_limit_rate": 0.0, "timeout_rate": 0.0,
     "daily_quota_images": 0, "latency_jitter_ms": 0, "image_mode": "small", "revoked_keys": [],
+    "batch_pending_seconds": 1.0, "batch_running_seconds": 2.0, "batch_expire_seconds": 172800.0,
+    "file_ttl_seconds": 172800.0,
 }  # fmt: skip
 
 
@@ -404,7 +406,7 @@ async def test_all_documented_input_types_and_ratios_are_accepted(gemini_url: st
         assert status == 200, (ratio, payload)
 
 
-async def test_file_data_is_403_without_a_files_api(gemini_url: str) -> None:
+async def test_file_data_naming_a_file_never_uploaded_is_403(gemini_url: str) -> None:
     part = {
         "fileData": {"mimeType": "image/png", "fileUri": "https://generativelanguage.googleapis.com/v1beta/files/x"}
     }
@@ -610,6 +612,8 @@ async def test_admin_config_injects_random_errors_and_reset_restores(gemini_url:
     assert await stats(gemini_url) == {
         "calls": 1, "by_status": {"200": 1}, "by_error": {}, "by_finish_reason": {"STOP": 1}, "images": 1,
         "quota_images": 1, "config": DEFAULT_CONFIG,
+        "batches_created": 0, "batch_requests": 0, "batch_request_errors": {}, "batch_api_by_status": {},
+        "batch_api_by_error": {}, "files_uploaded": 0, "file_downloads": 0, "batches_by_state": {},
     }  # fmt: skip
 
 

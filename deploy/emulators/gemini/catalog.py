@@ -10,6 +10,8 @@ Sources (the doc pages are https://ai.google.dev/gemini-api/docs/...):
   and 258 tokens for an image of at most 384 px a side (the emulator charges it for every image).
 - The 100 MB inline request limit is the January 2026 raise (from 20 MB) noted in
   /work/shared/EXTERNAL_APIS.md, "Corrections and additions".
+- batch-api: inline batches "keep the total request size under 20MB"; files: "a per-file maximum size of
+  2 GB", files "stored for 48 hours".
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ DEFAULT_ASPECT_RATIO: Final = "1:1"
 DEFAULT_IMAGE_SIZE: Final = "1K"
 INPUT_IMAGE_MIME_TYPES: Final = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"})
 MAX_REQUEST_BYTES: Final = 100 * 1024 * 1024
+# A batchGenerateContent body with its requests inline (the batch-api page's 20 MB).
+MAX_BATCH_REQUEST_BYTES: Final = 20 * 1024 * 1024
+MAX_FILE_BYTES: Final = 2 * 1024 * 1024 * 1024
+# A batch's input file: the batch-api page uploads it with mime_type "jsonl"; the registered and common
+# JSON Lines types are taken too. Anything else (application/json, text/plain) is refused.
+JSONL_MIME_TYPES: Final = frozenset({
+    "jsonl", "application/jsonl", "application/x-jsonl", "application/jsonlines", "application/x-jsonlines",
+    "application/json-lines", "application/ndjson", "application/x-ndjson", "text/jsonl",
+})  # fmt: skip
 TOKENS_PER_INPUT_IMAGE: Final = 258
 API_VERSIONS: Final = frozenset({"v1", "v1beta"})
 

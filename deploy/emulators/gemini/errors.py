@@ -31,6 +31,15 @@ RETRY_DELAY: Final = "0.2s"
 
 QuotaWindow = Literal["minute", "day"]
 
+# google.rpc.Code: a google.rpc.Status inside a resource (a batch's `error`, a batch request's `error`, an
+# output line's `error`) carries the canonical gRPC code, not the HTTP status of the JSON error envelope
+# (https://cloud.google.com/apis/design/errors, "Error model" and "HTTP mapping").
+GRPC_CODES: Final = {
+    "CANCELLED": 1, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5, "ALREADY_EXISTS": 6,
+    "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9, "INTERNAL": 13,
+    "UNAVAILABLE": 14, "UNAUTHENTICATED": 16,
+}  # fmt: skip
+
 
 @dataclass
 class ApiError(Exception):
@@ -40,6 +49,8 @@ class ApiError(Exception):
     # The emulator's own name for this error, counted in GET /_emulator/stats "by_error".
     kind: str
     details: list[dict[str, Any]] = field(default_factory=list)
+    # Extra response headers (the upload protocol's X-Goog-Upload-Status).
+    headers: dict[str, str] = field(default_factory=dict)
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message, "status": self.status}
@@ -47,8 +58,13 @@ class ApiError(Exception):
             error["details"] = self.details
         return {"error": error}
 
+    def status_proto(self) -> dict[str, Any]:
+        """The same error as a google.rpc.Status inside a resource: gRPC code and message. No `details`:
+        google-genai reads it into types.JobError, whose `details` is a list of strings."""
+        return {"code": GRPC_CODES[self.status], "message": self.message}
+
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.code)
+        return web.json_response(self.body(), status=self.code, headers=self.headers or None)
 
 
 # --- keys ------------------------------------------------------------------------------------------------
@@ -86,10 +102,11 @@ def bad_oauth_token() -> ApiError:
     )  # fmt: skip
 
 
-def file_not_accessible(uri: str) -> ApiError:
-    # The emulator has no Files API, so every file_data URI is one the caller cannot read.
+def file_not_accessible(file_id: str) -> ApiError:
+    """A file that does not exist, was deleted or has expired: the Files API answers all three alike
+    (files.get, and a file_data part naming it)."""
     return ApiError(
-        403, "PERMISSION_DENIED", f"You do not have permission to access the File {uri} or it may not exist.",
+        403, "PERMISSION_DENIED", f"You do not have permission to access the File {file_id} or it may not exist.",
         "permission_denied",
     )  # fmt: skip
 
@@ -109,13 +126,26 @@ def method_not_found(version: str, method: str) -> ApiError:
     return ApiError(404, "NOT_FOUND", f"Method {method or '(none)'} not found for {version}.", "not_found")
 
 
-def model_not_found(model: str, version: str) -> ApiError:
+def model_not_found(model: str, version: str, method: str = "generateContent") -> ApiError:
     return ApiError(
         404, "NOT_FOUND",
-        f"models/{model} is not found for API version {version}, or is not supported for generateContent. "
+        f"models/{model} is not found for API version {version}, or is not supported for {method}. "
         "Call ListModels to see the list of available models and their supported methods.",
         "not_found",
     )  # fmt: skip
+
+
+def not_found(what: str) -> ApiError:
+    """A batch (or other resource) that does not exist or was deleted: Google's standard NOT_FOUND."""
+    return ApiError(404, "NOT_FOUND", f"Requested entity was not found: {what}.", "not_found")
+
+
+def failed_precondition(message: str) -> ApiError:
+    return ApiError(400, "FAILED_PRECONDITION", message, "failed_precondition")
+
+
+def already_exists(message: str) -> ApiError:
+    return ApiError(409, "ALREADY_EXISTS", message, "already_exists")
 
 
 def invalid_argument(message: str, field_path: str | None = None) -> ApiError:
@@ -143,23 +173,25 @@ def request_too_large(limit: int) -> ApiError:
 # --- quota and server faults -----------------------------------------------------------------------------
 
 
-def quota_exceeded(model: str, window: QuotaWindow, limit: int | None = None) -> ApiError:
-    """429 as in the rate-limits page: QuotaFailure (which quota), Help (a link), RetryInfo (a delay)."""
+def quota_exceeded(model: str | None, window: QuotaWindow, limit: int | None = None) -> ApiError:
+    """429 as in the rate-limits page: QuotaFailure (which quota), Help (a link), RetryInfo (a delay).
+    `model` None: a call that names no model (batches.get, files.list, ...)."""
     quota_id = PER_MINUTE_QUOTA_ID if window == "minute" else PER_DAY_QUOTA_ID
     value = limit if limit is not None else (PER_MINUTE_QUOTA_VALUE if window == "minute" else PER_DAY_QUOTA_VALUE)
     message = (
         "You exceeded your current quota, please check your plan and billing details. For more information "
         f"on this error, head to: {RATE_LIMITS_DOC}. To monitor your current usage, head to: "
-        f"https://ai.dev/usage?tab=rate-limit. \n* Quota exceeded for metric: {QUOTA_METRIC}, limit: {value}, "
-        f"model: {model}\nPlease retry in {RETRY_DELAY}."
+        f"https://ai.dev/usage?tab=rate-limit. \n* Quota exceeded for metric: {QUOTA_METRIC}, limit: {value}"
+        f"{f', model: {model}' if model else ''}\nPlease retry in {RETRY_DELAY}."
     )
+    dimensions = {"location": "global", "model": model} if model else {"location": "global"}
     details: list[dict[str, Any]] = [
         {
             "@type": "type.googleapis.com/google.rpc.QuotaFailure",
             "violations": [{
                 "quotaMetric": QUOTA_METRIC,
                 "quotaId": quota_id,
-                "quotaDimensions": {"location": "global", "model": model},
+                "quotaDimensions": dimensions,
                 "quotaValue": str(value),
             }],
         },

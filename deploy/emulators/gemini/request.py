@@ -6,6 +6,9 @@ ImageConfig, Content, Part, Blob) and from what google-genai sends (google/genai
 _GenerateContentParameters_to_mldev, _GenerateContentConfig_to_mldev, _Part_to_mldev, _ImageConfig_to_mldev).
 Like Google's JSON parser, both lowerCamelCase and snake_case names are accepted: google-genai 3.x mixes
 them ("inlineData" with "mime_type" inside), and standard or URL-safe base64, padded or not.
+
+A `fileData` part names a file of the Files API by its URI (types.Part.from_uri); `files` resolves it to
+the uploaded bytes (files.py), which then count as an input image exactly like inlineData.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import binascii
 import io
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +54,9 @@ BLOB_FIELDS = ("mimeType", "data")
 FILE_DATA_FIELDS = ("mimeType", "fileUri")
 MODALITIES = frozenset({"TEXT", "IMAGE", "AUDIO"})
 ROLES = frozenset({"user", "model"})
+
+# A file's URI -> (its MIME type, its bytes); raises errors.ApiError when the file cannot be read.
+FileResolver = Callable[[str], tuple[str, bytes]]
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,7 @@ def check_image_bytes(data: bytes, mime_type: str) -> None:
         )
 
 
-def _part(part: Any, at: str, texts: list[str], images: list[bytes]) -> None:
+def _part(part: Any, at: str, texts: list[str], images: list[bytes], files: FileResolver | None) -> None:
     check_fields(part, PART_FIELDS, at, "type.googleapis.com/google.ai.generativelanguage.v1beta.Part")
     present = [name for name in PART_DATA_FIELDS if pick(part, name) is not None]
     text = pick(part, "text")
@@ -149,11 +155,27 @@ def _part(part: Any, at: str, texts: list[str], images: list[bytes]) -> None:
         check_image_bytes(data, str(mime_type).lower())
         images.append(data)
     if (file_data := pick(part, "fileData")) is not None:
-        check_fields(file_data, FILE_DATA_FIELDS, f"{at}.file_data", "FileData")
-        raise errors.file_not_accessible(str(pick(file_data, "fileUri")))
+        file_at = f"{at}.file_data"
+        check_fields(
+            file_data, FILE_DATA_FIELDS, file_at, "type.googleapis.com/google.ai.generativelanguage.v1beta.FileData"
+        )
+        uri = pick(file_data, "fileUri")
+        if not isinstance(uri, str) or not uri:
+            raise errors.invalid_argument(
+                f"* GenerateContentRequest.{file_at}.file_uri: file_uri must be specified\n", f"{file_at}.file_uri"
+            )
+        if files is None:
+            raise errors.file_not_accessible(uri)
+        stored_mime_type, data = files(uri)
+        # The part's mimeType, when given, is what the model is told the bytes are.
+        mime_type = str(pick(file_data, "mimeType") or stored_mime_type).lower()
+        if mime_type not in catalog.INPUT_IMAGE_MIME_TYPES:
+            raise errors.invalid_argument(f"Unsupported MIME type: {mime_type}", f"{file_at}.mime_type")
+        check_image_bytes(data, mime_type)
+        images.append(data)
 
 
-def _contents(contents: Any) -> tuple[list[str], list[bytes]]:
+def _contents(contents: Any, files: FileResolver | None) -> tuple[list[str], list[bytes]]:
     if contents is None or contents == []:
         raise errors.invalid_argument("* GenerateContentRequest.contents: contents is not specified\n", "contents")
     if not isinstance(contents, list):
@@ -172,7 +194,7 @@ def _contents(contents: Any) -> tuple[list[str], list[bytes]]:
                 f"* GenerateContentRequest.{at}.parts: contents.parts must not be empty.\n", f"{at}.parts"
             )
         for j, part in enumerate(parts if isinstance(parts, list) else [parts]):
-            _part(part, f"{at}.parts[{j}]", texts, images)
+            _part(part, f"{at}.parts[{j}]", texts, images, files)
     return texts, images
 
 
@@ -233,14 +255,20 @@ def _image_config(image_config: dict[str, Any], model: str, spec: ImageModel | N
     return aspect_ratio, image_size
 
 
-def parse_request(raw: bytes, model: str, spec: ImageModel | None) -> ParsedRequest:
-    """The request, validated for `model` (`spec` None: a text-only model); raises errors.ApiError."""
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise errors.invalid_argument(f"Invalid JSON payload received. {exc}") from None
+def parse_request(
+    raw: bytes | dict[str, Any], model: str, spec: ImageModel | None, files: FileResolver | None = None
+) -> ParsedRequest:
+    """The request (the HTTP body, or one already decoded from a batch), validated for `model` (`spec`
+    None: a text-only model), its file_data parts read through `files`; raises errors.ApiError."""
+    if isinstance(raw, dict):
+        body: Any = raw
+    else:
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise errors.invalid_argument(f"Invalid JSON payload received. {exc}") from None
     check_fields(body, REQUEST_FIELDS, "", "GenerateContentRequest")
-    texts, images = _contents(pick(body, "contents"))
+    texts, images = _contents(pick(body, "contents"), files)
     generation = check_fields(
         pick(body, "generationConfig") or {}, GENERATION_CONFIG_FIELDS, "generation_config", "GenerationConfig"
     )
@@ -269,3 +297,19 @@ def parse_request(raw: bytes, model: str, spec: ImageModel | None) -> ParsedRequ
         model=model, text="\n".join(texts), images=images, modalities=modalities,
         aspect_ratio=aspect_ratio, image_size=image_size, include_thoughts=include_thoughts,
     )  # fmt: skip
+
+
+def prompt_text(body: Any) -> str:
+    """The prompt text of a request not validated yet, the way ParsedRequest.text joins it (non-thought
+    text parts, one per line); "" where the shape is wrong. Batches read their whole-batch directives
+    from it when they are created, before any request is parsed."""
+    if not isinstance(body, dict):
+        return ""
+    contents = pick(body, "contents")
+    texts: list[str] = []
+    for content in contents if isinstance(contents, list) else [contents]:
+        parts = content.get("parts") if isinstance(content, dict) else None
+        for part in parts if isinstance(parts, list) else [parts]:
+            if isinstance(part, dict) and isinstance(text := pick(part, "text"), str) and not pick(part, "thought"):
+                texts.append(text)
+    return "\n".join(texts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+from datetime import UTC, datetime
 from typing import Any
 
 from deploy.emulators.gemini import catalog
@@ -77,3 +78,8 @@ def image_part(data_b64: str, *, thought: bool = False, signed: bool = False) ->
         # Gemini 3 signs its final parts; multi-turn callers must send the signature back.
         part["thoughtSignature"] = base64.b64encode(secrets.token_bytes(36)).decode()
     return part
+
+
+def timestamp(seconds: float) -> str:
+    """RFC 3339, Z-normalized, 6 fractional digits: the REST reference's Timestamp format (0, 3, 6 or 9)."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -30,6 +30,15 @@ class EmulatorConfig:
     image_mode: ImageMode = "small"
     # Keys revoked at run time (deleted in Google's console): they answer 400 API_KEY_INVALID.
     revoked_keys: tuple[str, ...] = ()
+    # A batch's life (batches.py), read when it is created: this long in BATCH_STATE_PENDING, then at
+    # least this long in BATCH_STATE_RUNNING (longer while its requests are still being generated).
+    batch_pending_seconds: float = 1.0
+    batch_running_seconds: float = 2.0
+    # A batch not finished this long after its creation expires, with no results (Batch API guide:
+    # "a batch not completed within 48 hours expires").
+    batch_expire_seconds: float = 172800.0
+    # Uploaded files are deleted this long after their upload (Files API: "stored for 48 hours").
+    file_ttl_seconds: float = 172800.0
 
 
 class ConfigError(ValueError):
@@ -61,6 +70,10 @@ def updated_config(config: EmulatorConfig, update: Any) -> EmulatorConfig:
             if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
                 raise ConfigError("revoked_keys must be a list of strings")
             changes[key] = tuple(value)
+        elif key.endswith("_seconds"):
+            if _number(key, value) < 0:
+                raise ConfigError(f"{key} must be >= 0")
+            changes[key] = float(value)
         elif key == "daily_quota_images":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError("daily_quota_images must be an integer >= 0")
@@ -106,13 +119,26 @@ class EmulatorState:
     epoch: int = 0
     # Bumped by either reset, so a call that reserved an image before it does not give it back after.
     quota_epoch: int = 0
+    # The Batch and Files APIs (batches.py, files.py): answers of their endpoints, and their work.
+    batch_api_by_status: Counter[str] = field(default_factory=Counter)
+    batch_api_by_error: Counter[str] = field(default_factory=Counter)
+    batches_created: int = 0
+    # Requests of batches that were run (answered or refused), and the refusals by kind.
+    batch_requests: int = 0
+    batch_request_errors: Counter[str] = field(default_factory=Counter)
+    files_uploaded: int = 0
+    file_downloads: int = 0
 
     def reset(self) -> None:
         self.epoch += 1
         self.config = replace(self.defaults)
         self.calls = self.images = self.serial = 0
+        self.batches_created = self.batch_requests = self.files_uploaded = self.file_downloads = 0
         self.reset_quota()
-        for counter in (self.by_status, self.by_error, self.by_finish_reason, self.directive_hits):
+        for counter in (
+            self.by_status, self.by_error, self.by_finish_reason, self.directive_hits, self.batch_api_by_status,
+            self.batch_api_by_error, self.batch_request_errors,
+        ):  # fmt: skip
             counter.clear()
 
     def reset_quota(self) -> None:
@@ -127,6 +153,13 @@ class EmulatorState:
             "by_finish_reason": dict(self.by_finish_reason),
             "images": self.images,
             "quota_images": self.quota_images,
+            "batches_created": self.batches_created,
+            "batch_requests": self.batch_requests,
+            "batch_request_errors": dict(self.batch_request_errors),
+            "batch_api_by_status": dict(self.batch_api_by_status),
+            "batch_api_by_error": dict(self.batch_api_by_error),
+            "files_uploaded": self.files_uploaded,
+            "file_downloads": self.file_downloads,
             "config": asdict(self.config),
         }
 
