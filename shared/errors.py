@@ -12,6 +12,7 @@ status in one place (services/gateway/errors.py).
     │   ├── Unsupported   a kind of content Bunch does not take
     │   └── MissingKeys   records it names do not exist (indices)
     ├── OverQuota         an operator's quota refuses it for now (retry_after)
+    ├── OverBudget        it would cost more than the project's budget has left (figures)
     ├── Unauthenticated   no credentials, or unknown ones
     ├── Forbidden         credentials that do not allow this
     ├── Unavailable       a dependency is down; nothing was changed
@@ -69,6 +70,15 @@ class OverQuota(BunchError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = max(1, retry_after)
+
+
+class OverBudget(BunchError):
+    """Nothing was written: what it would cost exceeds what the project's budget has left this
+    period. `figures`: the quote, the spend, the limit, what is left, the period and when it resets."""
+
+    def __init__(self, message: str, figures: dict[str, float | str]) -> None:
+        super().__init__(message)
+        self.figures = figures
 
 
 class Unauthenticated(BunchError):

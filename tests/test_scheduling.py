@@ -222,7 +222,9 @@ async def test_stats_and_metrics_match_what_was_done(stack: Stack) -> None:
     assert metrics["success_rate"] == round(3 / 8, 4)
     assert metrics["jobs_finished"] == 1 and metrics["avg_duration_s"] > 0
     assert metrics["total_tokens"] >= 3 * 1290
-    assert metrics["estimated_cost_usd"] == round(3 * 0.039, 4)
+    # The recorded cost (tests/test_costs.py checks it exactly): at least the 3 images made.
+    assert metrics["cost_usd"] == metrics["estimated_cost_usd"] >= 3 * 1290 * 30 / 1e6
+    assert round(metrics["gemini_cost_usd"] + metrics["runpod_cost_usd"], 6) == metrics["cost_usd"]
     assert sum(h["images_succeeded"] for h in metrics["hourly_breakdown"]) == 3
     assert (await numbers.get("/api/queue/metrics", params={"time_range": "1y"})).status_code == 422
     stats = (await numbers.get("/api/queue/stats")).json()

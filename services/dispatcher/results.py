@@ -50,11 +50,13 @@ class ResultHandler:
         run = ClaimedRun(fields["run_id"], int(fields["attempt"]), fields.get("claim", ""))
         body = json.loads(fields.get("body") or "{}")
         status = body.get("status")
+        # No attempt runs longer than the executionTimeout each run is sent with.
+        limit_ms = self.settings.execution_timeout_seconds * 1000
         if status == "COMPLETED":
-            await self._completed(run, body.get("output"))
+            await self._completed(run, body.get("output"), execution_ms(body, limit_ms))
         elif status in FINAL_FAILURES or status == EXPIRED:
             metrics.RUNPOD_ERRORS.labels(status.lower()).inc()
-            await self._failed(run, f"{status}: {_error_text(body)}")
+            await self._failed(run, f"{status}: {_error_text(body)}", execution_ms(body, limit_ms))
         # IN_QUEUE / IN_PROGRESS: nothing final to record.
 
     async def _current(self, claimed: ClaimedRun) -> bool:
@@ -66,7 +68,7 @@ class ResultHandler:
             and run.status == RunStatus.DISPATCHED
         )
 
-    async def _completed(self, claimed: ClaimedRun, output: Any) -> None:
+    async def _completed(self, claimed: ClaimedRun, output: Any, runpod_ms: int) -> None:
         run_id, attempt, claim = claimed
         if not await self._current(claimed):
             return  # settled already (COMPLETE_RUN would refuse it): spare reading its images again
@@ -78,7 +80,8 @@ class ResultHandler:
         records = await self.verifier.records(claimed, slots, parse_outcomes(output, self.settings))
         if await self._held_back(claimed, records):
             return
-        if await self.complete(Completion(run_id, attempt, claim, RunStatus.SUCCEEDED, records)):
+        completion = Completion(run_id, attempt, claim, RunStatus.SUCCEEDED, records, runpod_ms=runpod_ms)
+        if await self.complete(completion):
             # Counted only when recorded, so duplicates of a result do not count twice.
             for record in records.values():
                 metrics.IMAGES.labels(record.status.value).inc()
@@ -106,7 +109,7 @@ class ResultHandler:
         await self.runs.requeue(run_id, attempt, claim, now, new_attempt=False, reason=f"{reason.value}: {detail}")
         return True
 
-    async def _failed(self, claimed: ClaimedRun, reason: str) -> None:
+    async def _failed(self, claimed: ClaimedRun, reason: str, runpod_ms: int = 0) -> None:
         run_id, attempt, claim = claimed
         if not await self._current(claimed):
             return  # stale or duplicate news about a claim that is already settled
@@ -126,12 +129,22 @@ class ResultHandler:
             )
             for index in await self.runs.run_slots(run_id, config)
         }
-        if await self.complete(Completion(run_id, attempt, claim, RunStatus.FAILED, records)):
+        if await self.complete(Completion(run_id, attempt, claim, RunStatus.FAILED, records, runpod_ms=runpod_ms)):
             log.error("run %s failed after %s attempts: %s", run_id, attempt, reason, extra=_ids(run_id))
 
 
 def _ids(run_id: str) -> dict[str, str]:
     return {"job_id": keys.split_run_id(run_id)[0], "run_id": run_id}
+
+
+def execution_ms(body: dict[str, Any], limit_ms: int) -> int:
+    """RunPod's executionTime of the attempt the body is about, in ms (what it bills; 0 when the body
+    has none, such as our EXPIRED marker). Bounded, since anyone holding a run's webhook token can
+    write the body: at most `limit_ms`, the run's executionTimeout."""
+    value = body.get("executionTime")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return 0
+    return int(min(max(value, 0), limit_ms))
 
 
 def _error_text(body: dict[str, Any]) -> str:

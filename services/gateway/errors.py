@@ -7,6 +7,7 @@ that is down (Redis, object storage) is a 503 whatever raised it.
 
 import re
 from functools import cache
+from typing import Any
 
 import urllib3
 from fastapi import FastAPI, Request
@@ -30,6 +31,7 @@ STATUS_BY_KIND: dict[type[errors.BunchError], int] = {
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.OverQuota: 429,
+    errors.OverBudget: 402,
     errors.Unauthenticated: 401,
     errors.Forbidden: 403,
     errors.Unavailable: 503,
@@ -41,12 +43,14 @@ _METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
 
 @cache
-def _resources(app: FastAPI) -> list[tuple[re.Pattern[str], tuple[str, ...]]]:
+def _resources(app: FastAPI) -> list[tuple[re.Pattern[str], int, tuple[str, ...]]]:
+    """Each path of the description: its pattern, its number of parameters, its methods."""
     resources = []
     for path, operations in app.openapi().get("paths", {}).items():
-        pattern = re.compile("^" + "[^/]+".join(re.escape(part) for part in _PARAM.split(path)) + "$")
+        parts = _PARAM.split(path)
+        pattern = re.compile("^" + "[^/]+".join(re.escape(part) for part in parts) + "$")
         methods = tuple(sorted(method.upper() for method in operations if method in _METHODS))
-        resources.append((pattern, methods))
+        resources.append((pattern, len(parts) - 1, methods))
     return resources
 
 
@@ -60,11 +64,14 @@ def status_of(error: errors.BunchError) -> int:
 async def _refused(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.BunchError)
     headers = None
+    body: dict[str, Any] = {"detail": exc.message}
     if isinstance(exc, errors.OverQuota):
         headers = {"Retry-After": str(exc.retry_after)}
     elif isinstance(exc, errors.Unauthenticated):
         headers = UNAUTHENTICATED_HEADERS
-    return JSONResponse({"detail": exc.message}, status_of(exc), headers=headers)
+    elif isinstance(exc, errors.OverBudget):
+        body.update(exc.figures)  # the figures a client shows beside the message
+    return JSONResponse(body, status_of(exc), headers=headers)
 
 
 def _readable(exc: RequestValidationError) -> str:
@@ -100,12 +107,14 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:
-    """Every method the resource at `path` answers, from the OpenAPI description (empty if none)."""
-    found: set[str] = set()
-    for pattern, methods in _resources(app):
-        if pattern.match(path):
-            found.update(methods)
-    return sorted(found)
+    """Every method the resource at `path` answers, from the OpenAPI description (empty if none).
+    A path without parameters is its own resource, as OpenAPI matches concrete paths before
+    templated ones: /api/jobs/quote is not the job "quote" of /api/jobs/{job_id}."""
+    matches = [(params, methods) for pattern, params, methods in _resources(app) if pattern.match(path)]
+    if not matches:
+        return []
+    fewest = min(params for params, _ in matches)
+    return sorted({method for params, methods in matches if params == fewest for method in methods})
 
 
 async def _method_not_allowed(request: Request, exc: Exception) -> JSONResponse:

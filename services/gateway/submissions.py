@@ -1,11 +1,13 @@
 """Accepting a job: check what pydantic cannot (limits from settings, what the Gemini model takes,
-the webhook's host, the uploads and dataset it names), resolve its group, then store it queued in
-one atomic call."""
+the webhook's host, the uploads and dataset it names) and that the project's budget has room for
+it (services/gateway/quotes.py), resolve its group, then store it queued in one atomic call."""
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from services.gateway.deps import Services
+from services.gateway.quotes import check_budget
 from services.gateway.schemas.jobs import JobAccepted, JobLinks
 from services.gateway.schemas.uploads import UploadInfo
 from shared import keys, planning
@@ -23,16 +25,19 @@ SHOWN = 10  # ids named in one message
 INLINE_RECORDS = 500
 
 
-async def submit(
-    services: Services,
-    project: str,
-    config: JobConfig,
-    retry_of: str | None = None,
-    *,
-    model: GeminiModel | None = None,
-) -> JobAccepted:
-    """Queue the job; Invalid (nothing stored) if anything it names or asks for is not allowed.
-    `model`: what Gemini takes, by default the configured model's (settings.gemini_model)."""
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A job as a submit would store it, checked: its config (a dataset's inputs filled in), the
+    distinct uploads it names and their records' keys."""
+
+    config: JobConfig
+    upload_ids: list[str]
+    required: list[str]
+
+
+async def check(services: Services, project: str, config: JobConfig, model: GeminiModel | None = None) -> Checked:
+    """Everything a submit checks before storing, reading only: Invalid if anything the job names or
+    asks for is not allowed. `model`: what Gemini takes, by default the configured model's."""
     model = model or spec_for(services.settings.gemini_model)
     if isinstance(config, AutomaticJobRequest) and config.dataset_id:
         inputs = await services.datasets.input_ids(project, config.dataset_id)
@@ -43,6 +48,25 @@ async def submit(
     upload_ids = await _check_limits(config, services.settings, model)
     required = [keys.upload(project, upload_id) for upload_id in upload_ids]
     await _check_uploads(services, project, config, model, upload_ids, required)
+    return Checked(config, upload_ids, required)
+
+
+async def submit(
+    services: Services,
+    project: str,
+    config: JobConfig,
+    retry_of: str | None = None,
+    *,
+    model: GeminiModel | None = None,
+    budget_checked: bool = False,
+) -> JobAccepted:
+    """Queue the job; Invalid (nothing stored) if anything it names or asks for is not allowed,
+    OverBudget if it would cost more than the project's budget has left (`budget_checked`: the
+    caller checked it, with other jobs it submits)."""
+    checked = await check(services, project, config, model)
+    config, upload_ids, required = checked.config, checked.upload_ids, checked.required
+    if not budget_checked:
+        await check_budget(services, project, [config])
     store = services.store
     dataset_id = config.dataset_id if isinstance(config, AutomaticJobRequest) else None
     try:

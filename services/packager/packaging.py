@@ -65,6 +65,8 @@ def manifest(job: JobRecord, config: JobConfig, images: dict[int, ImageRecord]) 
         "images_total": job.images_total,
         "images": entries,
         "failed": failed,
+        # What its runs cost, as recorded when each ended (the API's `cost`).
+        "cost": job.cost(),
     }
 
 

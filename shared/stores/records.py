@@ -8,7 +8,9 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel
 
 from shared import keys
+from shared.budgets import period_end, period_id
 from shared.models import ImageStatus, JobStatus, RunStatus
+from shared.pricing import RunCost, usd
 
 # score = priority * scale + sequence: lower runs sooner, first in first out among equals.
 # 2**32 keeps every score within the 14 digits Lua prints exactly.
@@ -19,6 +21,7 @@ class JobRecord(BaseModel):
     id: str
     project: str
     mode: str
+    lane: str = "realtime"
     group: str
     group_id: str | None = None
     priority: int
@@ -40,6 +43,25 @@ class JobRecord(BaseModel):
     retry_of: str | None = None
     retried_by: str | None = None
     webhook_url: str | None = None
+    # What its recorded run attempts cost (complete_run.lua adds each one's): tokens Gemini
+    # reported, Gemini's price for them and RunPod's execution time and its price, in micro-USD.
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    gemini_micros: int = 0
+    runpod_ms: int = 0
+    runpod_micros: int = 0
+
+    def cost(self) -> dict[str, Any]:
+        """Its recorded cost as the API, the console and the manifest show it (USD)."""
+        return {
+            "lane": self.lane,
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            "gemini_usd": usd(self.gemini_micros),
+            "runpod_seconds": round(self.runpod_ms / 1000, 3),
+            "runpod_usd": usd(self.runpod_micros),
+            "total_usd": usd(self.gemini_micros + self.runpod_micros),
+        }
 
 
 # The job hash's fields a JobRecord is read from, in this order (HMGET).
@@ -112,24 +134,37 @@ class StartedRun:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """A run attempt's final outcome, image by image, to store once (Lua COMPLETE_RUN)."""
+    """A run attempt's final outcome, image by image, to store once (Lua COMPLETE_RUN). `lane`
+    prices its tokens; `runpod_ms` is RunPod's executionTime of this attempt (0: none, the batch lane)."""
 
     run_id: str
     attempt: int
     claim: str
     status: RunStatus
     images: dict[int, ImageRecord]
+    lane: str = "realtime"
+    runpod_ms: int = 0
 
     def keys(self) -> list[str]:
         job_id, _ = keys.split_run_id(self.run_id)
         return [keys.run(self.run_id), keys.job(job_id), keys.job_images(job_id)]
 
-    def args(self, now: float) -> list[Any]:
+    def tokens(self) -> tuple[int, int]:
+        """(prompt, output) tokens Gemini reported for the attempt's images, every call counted."""
+        records = self.images.values()
+        return sum(r.prompt_tokens for r in records), sum(r.output_tokens for r in records)
+
+    def args(self, now: float, cost: RunCost) -> list[Any]:
+        """COMPLETE_RUN's ARGV; `cost` is this completion's (shared.pricing.run_cost)."""
         job_id, _ = keys.split_run_id(self.run_id)
         succeeded = sum(1 for r in self.images.values() if r.status == ImageStatus.SUCCEEDED)
-        tokens = sum(r.prompt_tokens + r.output_tokens for r in self.images.values())
         args: list[Any] = [self.run_id, job_id, self.attempt, now, self.status.value, succeeded]
-        args += [len(self.images) - succeeded, tokens, self.claim]
+        args += [len(self.images) - succeeded, cost.prompt_tokens + cost.output_tokens, self.claim]
+        args += [cost.lane, cost.prompt_tokens, cost.output_tokens, cost.gemini_micros]
+        args += [cost.runpod_ms, cost.runpod_micros]
+        # The spend periods `now` falls in, and when they end (the budget's pause lasts until then).
+        args += [period_id("day", now), int(period_end("day", now))]
+        args += [period_id("month", now), int(period_end("month", now))]
         for index, record in self.images.items():
             args += [index, record.model_dump_json(exclude_none=True)]
         return args

@@ -18,7 +18,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from shared import keys, metrics, planning, scripts
+from shared import keys, metrics, planning, pricing, scripts
 from shared.planning import JobConfig
 from shared.scripts import Reply, Script
 from shared.settings import Settings
@@ -73,12 +73,23 @@ class RunStore:
     ) -> tuple[list[bool | Exception], Claims | Exception]:
         """A dispatcher pass in one round trip: COMPLETE_RUN each finished run (True: recorded now,
         not before), then acquire_many. Each part succeeds or fails on its own."""
-        calls = [(scripts.COMPLETE_RUN, completion.keys(), completion.args(now)) for completion in completions]
+        costs = [self._cost(completion) for completion in completions]
+        calls = [
+            (scripts.COMPLETE_RUN, completion.keys(), completion.args(now, cost))
+            for completion, cost in zip(completions, costs, strict=True)
+        ]
         calls.append((scripts.RECORD_STARTED_AND_CLAIM, [], self._claim_args(now, deadline, limit, started)))
         (*completed, claimed), confirmed = await evalsha_all(self.redis, calls, self._wait())
         self._waited(confirmed)
-        outcomes = [answer if isinstance(answer, Exception) else answer.done for answer in completed]
+        outcomes = [
+            answer if isinstance(answer, Exception) else _recorded(answer, cost)
+            for answer, cost in zip(completed, costs, strict=True)
+        ]
         return outcomes, claimed if isinstance(claimed, Exception) else _claims(claimed)
+
+    def _cost(self, completion: Completion) -> pricing.RunCost:
+        prompt_tokens, output_tokens = completion.tokens()
+        return pricing.run_cost(self.settings, completion.lane, prompt_tokens, output_tokens, completion.runpod_ms)
 
     def _claim_args(self, now: float, deadline: float, limit: int, started: Sequence[StartedRun]) -> list[Any]:
         s = self.settings
@@ -99,12 +110,13 @@ class RunStore:
 
     async def complete(self, completion: Completion) -> bool:
         """Store a run's final outcome once; the last run of a job moves it to packaging."""
-        call = (scripts.COMPLETE_RUN, completion.keys(), completion.args(time.time()))
+        cost = self._cost(completion)
+        call = (scripts.COMPLETE_RUN, completion.keys(), completion.args(time.time(), cost))
         ((stored,), confirmed) = await evalsha_all(self.redis, [call], self._wait())
         self._waited(confirmed)
         if isinstance(stored, Exception):
             raise stored
-        return stored.done
+        return _recorded(stored, cost)
 
     async def run(self, run_id: str) -> RunRecord | None:
         raw = await self.redis.hgetall(keys.run(run_id))
@@ -114,7 +126,7 @@ class RunStore:
         """The image indices a run produces: planned runs by their index, redo runs as recorded."""
         _, name = keys.split_run_id(run_id)
         if name.isdigit():
-            return planning.run_slots(config, int(name), self.settings.run_size)
+            return planning.run_slots(config, int(name), self.settings.run_size_for(config.lane))
         slots = await self.redis.hget(keys.run(run_id), "slots")
         return [int(i) for i in (slots or "").split(",") if i]
 
@@ -131,6 +143,18 @@ class RunStore:
 
     async def postpone(self, run_id: str, deadline: float) -> None:
         await self.redis.zadd(keys.RUNNING, {run_id: deadline}, xx=True)
+
+
+def _recorded(stored: Reply, cost: pricing.RunCost) -> bool:
+    """Whether COMPLETE_RUN stored the outcome now; its cost is counted (once) when it did."""
+    if not stored.done:
+        return False
+    metrics.count_cost(cost)
+    paused = stored.values[0] if stored.values else ""
+    if paused:
+        metrics.BUDGET_PAUSES.inc()
+        log.warning("project %s reached its budget: paused until its period ends or an operator resumes it", paused)
+    return True
 
 
 def _claims(claimed: Reply) -> Claims:

@@ -8,11 +8,13 @@ from fastapi.responses import RedirectResponse
 
 from services.gateway.deps import ProjectDep, ServicesDep
 from services.gateway.job_views import live_status_view, project_job, results_page, status_fields, status_view, zip_info
+from services.gateway.quotes import budget_of, check_budget, quote
 from services.gateway.schemas.common import API_PROBLEMS, problems
 from services.gateway.schemas.jobs import (
     Canceled,
     JobAccepted,
     JobList,
+    JobQuote,
     JobRequest,
     JobResults,
     JobStatusView,
@@ -20,7 +22,7 @@ from services.gateway.schemas.jobs import (
     PriorityChange,
     RedoRequest,
 )
-from services.gateway.submissions import submit
+from services.gateway.submissions import check, submit
 from shared.errors import Conflict, Invalid
 from shared.models import FINAL_JOB_STATUSES, JobStatus
 
@@ -28,15 +30,25 @@ router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=API_PROBLEMS)
 
 NOT_FOUND = problems(404)
 NOT_FOUND_OR_CONFLICT = problems(404, 409)
+OVER_BUDGET = problems(402)
 MAX_EXAMINED = 1000  # jobs a filtered listing looks at per request
 MAX_RESULTS_PAGE = 200  # images per page of /results: a few ms of the event loop, some 100 KB
 INDEX_PAGE = 200  # jobs read from the project's index per Redis call
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, responses=OVER_BUDGET)
 @router.post("/submit", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, include_in_schema=False)
 async def submit_job(config: Annotated[JobRequest, Body()], project: ProjectDep, services: ServicesDep) -> JobAccepted:
     return await submit(services, project, config)
+
+
+# Before any /{job_id} route, so "quote" is never read as a job id.
+@router.post("/quote", response_model=JobQuote)
+async def quote_job(config: Annotated[JobRequest, Body()], project: ProjectDep, services: ServicesDep) -> JobQuote:
+    """What the job would cost and take in each lane, and where it leaves the project's budget:
+    the body of POST /api/jobs, checked the same way; nothing is created."""
+    checked = await check(services, project, config)
+    return await quote(services, project, checked.config)
 
 
 @router.get("", response_model=JobList)
@@ -108,7 +120,10 @@ async def cancel_job(job_id: str, project: ProjectDep, services: ServicesDep) ->
 
 
 @router.post(
-    "/{job_id}/retry", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, responses=NOT_FOUND_OR_CONFLICT
+    "/{job_id}/retry",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobAccepted,
+    responses={**NOT_FOUND_OR_CONFLICT, **OVER_BUDGET},
 )
 async def retry_job(job_id: str, project: ProjectDep, services: ServicesDep) -> JobAccepted:
     job = await project_job(services.store, project, job_id)
@@ -121,13 +136,17 @@ async def retry_job(job_id: str, project: ProjectDep, services: ServicesDep) -> 
     "/{job_id}/redo",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobStatusView,
-    responses=NOT_FOUND_OR_CONFLICT,
+    responses={**NOT_FOUND_OR_CONFLICT, **OVER_BUDGET},
 )
 async def redo_images(job_id: str, redo: RedoRequest, project: ProjectDep, services: ServicesDep) -> JobStatusView:
     job = await project_job(services.store, project, job_id)
     outside = [i for i in redo.indices if not 0 <= i < job.images_total]
     if outside:
         raise Invalid(f"indices: {outside[:10]} are outside this job's images 0..{job.images_total - 1}.")
+    # Priced only when there is a budget to check and the redo may happen (else 409 below).
+    if job.status in FINAL_JOB_STATUSES and budget_of(services.settings, project) is not None:
+        indices = sorted(set(redo.indices))
+        await check_budget(services, project, [await services.store.config(job_id)], indices)
     done, detail = await services.store.redo(job_id, redo.indices)
     if not done:
         raise Conflict(f"Only completed or failed jobs can redo images; this one is {detail}.")

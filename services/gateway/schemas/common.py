@@ -1,6 +1,7 @@
 """What every route's bodies share: strict JSON requests, and the error answers in the OpenAPI description."""
 
-from typing import Any, get_args, get_origin
+from datetime import datetime
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -51,9 +52,22 @@ class ValidationProblem(Problem):
     errors: list[FieldError] = Field(default_factory=list)
 
 
+class OverBudgetProblem(Problem):
+    """402: the job would cost more than the project's budget has left this period; nothing was
+    stored. Amounts in USD."""
+
+    quote_usd: float
+    spent_usd: float
+    limit_usd: float
+    remaining_usd: float
+    period: Literal["day", "month"]
+    resets_at: datetime
+
+
 _PROBLEMS: dict[int, str] = {
     400: "The request body could not be read (not valid JSON or form data)",
     401: "Missing or unknown API key",
+    402: "Over the project's budget for this period (its figures in the body); nothing was stored",
     403: "Forbidden",
     404: "Not found in the caller's project",
     409: "Conflicts with the current state",
@@ -69,9 +83,8 @@ def problems(*codes: int, described: dict[int, str] | None = None) -> dict[int |
     """OpenAPI `responses` for error answers, each with its JSON body (`Problem`, or `ValidationProblem`
     for 422), described by `described` or by the default text of the code."""
     texts = {**_PROBLEMS, **(described or {})}
-    return {
-        code: {"model": ValidationProblem if code == 422 else Problem, "description": texts[code]} for code in codes
-    }
+    models: dict[int, type[Problem]] = {422: ValidationProblem, 402: OverBudgetProblem}
+    return {code: {"model": models.get(code, Problem), "description": texts[code]} for code in codes}
 
 
 # What every /api route may answer besides its own success and errors.
