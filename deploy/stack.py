@@ -212,6 +212,9 @@ def start_stack(
         "BUNCH_RUNPOD_BASE_URL": f"{runpod_url}/v2",
         "BUNCH_RUNPOD_API_KEY": EMULATOR_KEY,
         "BUNCH_RUNPOD_ENDPOINT_ID": "local",
+        # The batch lane's own key: the dispatcher calls Gemini's Batch API itself.
+        "BUNCH_GEMINI_BASE_URL": gemini_url,
+        "BUNCH_GEMINI_API_KEY": EMULATOR_KEY,
         "BUNCH_WEBHOOK_SECRET": "local-webhook-secret",
         "BUNCH_ENV": "development",  # the secrets above are published: only a local stack may use them
         **sentinel_env,

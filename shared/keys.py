@@ -48,6 +48,17 @@ RUN_SECONDS = f"{PREFIX}:stats:run-seconds"  # hash: moving average of run durat
 UPSTREAM_HOLD = f"{PREFIX}:upstream:hold"
 RUNPOD_HEALTH = f"{PREFIX}:runpod:health"  # string: RunPod's last /health answer, as JSON
 
+# The batch lane (jobs with "lane": "batch", made through Gemini's Batch API by the dispatcher). Its
+# runs are Gemini batch jobs; they never take a RunPod slot, so none of the keys above counts them.
+BATCH_READY = f"{PREFIX}:batch:ready"  # zset project -> last served: projects with batches to submit
+BATCH_IN_FLIGHT = f"{PREFIX}:batch:in-flight"  # zset run_id -> when a dispatcher looks at it next
+BATCH_RETRY_QUEUE = f"{PREFIX}:batch:retries"  # zset run_id -> time it may be submitted again
+BATCH_SECONDS = f"{PREFIX}:stats:batch-seconds"  # hash: moving average of batch turnaround (quotes, ETAs)
+
+# Costs and budgets (shared/pricing.py, shared/budgets.py, shared/lua/include/budgets.lua).
+BUDGETS = f"{PREFIX}:budgets"  # hash project -> "<limit micro-USD> <day|month>", from BUNCH_PROJECT_BUDGETS
+BUDGET_PAUSES = f"{PREFIX}:budgets:paused"  # zset project -> when its pause for budget ends (the period's end)
+
 
 def project_queue(project: str) -> str:
     """Zset of the project's jobs with runs left to start: job_id -> priority/FIFO score."""
@@ -100,8 +111,47 @@ def project_counts(project: str) -> str:
 
 def project_hourly(project: str) -> str:
     """Hash: '<hour>:<kind>' -> figure, hour = unix time // 3600; kinds: succeeded, failed and tokens
-    (images), jobs (completed), seconds, min_seconds and max_seconds (their durations)."""
+    (images), jobs (completed), seconds, min_seconds and max_seconds (their durations),
+    gemini_micros and runpod_micros (the recorded cost of runs, micro-USD)."""
     return f"{PREFIX}:project:{project}:hourly"
+
+
+def project_spend(project: str) -> str:
+    """Prefix of the project's spend counters: `<prefix>:<period id>` (shared/budgets.period_id, e.g.
+    "day:2026-12-03") is a string of the micro-dollars its recorded runs cost in that period,
+    expiring after it."""
+    return f"{PREFIX}:project:{project}:spend"
+
+
+def project_spend_in(project: str, period_id: str) -> str:
+    return f"{project_spend(project)}:{period_id}"
+
+
+def project_batch_queue(project: str) -> str:
+    """Zset of the project's batch-lane jobs with batches left to submit: job_id -> priority/FIFO score."""
+    return f"{PREFIX}:project:{project}:batch-queue"
+
+
+def project_batch_in_flight(project: str) -> str:
+    """Zset of the project's Gemini batches in flight (a subset of BATCH_IN_FLIGHT): run_id -> claimed at."""
+    return f"{PREFIX}:project:{project}:batch-in-flight"
+
+
+def project_batch_images(project: str) -> str:
+    """Images of the project's Gemini batches in flight (BUNCH_PROJECT_MAX_BATCH_IMAGES bounds it)."""
+    return f"{PREFIX}:project:{project}:batch-images"
+
+
+def job_batch_files(job_id: str) -> str:
+    """Hash: upload id -> JSON {name, uri, mime_type, expires_at} of its copy in Gemini's Files API
+    (uploaded once per job, referenced by every request that uses it; the hash expires with them)."""
+    return f"{PREFIX}:job:{job_id}:batch-files"
+
+
+def job_batch_files_lock(job_id: str) -> str:
+    """String: held by the dispatcher copying the job's references to the Files API, so batches of
+    one job prepared at once copy each reference once."""
+    return f"{PREFIX}:job:{job_id}:batch-files-lock"
 
 
 def job(job_id: str) -> str:

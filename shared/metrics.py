@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from shared import keys
 from shared.errors import Misconfigured, Unavailable
 from shared.models import JobStatus
+from shared.pricing import MICROS_PER_USD, RunCost
 from shared.redis_connection import check
 from shared.redis_memory import read_memory
 
@@ -48,6 +49,16 @@ UPSTREAM_HOLDS = Counter(
 )
 GEMINI_ERRORS = Counter("bunch_gemini_errors_total", "Images that failed at Gemini, by reason", ["kind"])
 IMAGES = Counter("bunch_images_total", "Image outcomes recorded", ["status"])
+# Counted when a run's outcome is recorded (shared/stores/runs.py), so an outcome delivered twice
+# counts once; USD as priced by the settings' tables (shared/pricing.py).
+COST = Counter("bunch_cost_usd_total", "Recorded cost of runs, USD, by lane and what was paid for", ["lane", "kind"])
+GEMINI_TOKENS = Counter("bunch_gemini_tokens_total", "Gemini tokens of recorded runs", ["lane", "direction"])
+BUDGET_PAUSES = Counter("bunch_budget_pauses_total", "Projects paused because their spend reached their budget")
+GEMINI_BATCHES = Counter(
+    "bunch_gemini_batches_total",
+    "Gemini batch jobs of the batch lane: submitted, succeeded, canceled, or how they ended without results",
+    ["event"],
+)
 PACKAGING_BYTES = Counter("bunch_packaging_bytes_total", "Bytes of ZIPs written")
 PACKAGING_SECONDS = Histogram(
     "bunch_packaging_seconds", "Time to build one job's ZIP", buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -56,6 +67,13 @@ HTTP_REQUESTS = Counter("bunch_http_requests_total", "Gateway requests", ["metho
 HTTP_LATENCY = Histogram(
     "bunch_http_request_seconds", "Gateway request time", ["route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
 )
+
+
+def count_cost(cost: RunCost) -> None:
+    COST.labels(cost.lane, "gemini").inc(cost.gemini_micros / MICROS_PER_USD)
+    COST.labels(cost.lane, "runpod").inc(cost.runpod_micros / MICROS_PER_USD)
+    GEMINI_TOKENS.labels(cost.lane, "input").inc(cost.prompt_tokens)
+    GEMINI_TOKENS.labels(cost.lane, "output").inc(cost.output_tokens)
 
 
 async def refresh_shared_gauges(redis: Redis) -> None:

@@ -31,6 +31,11 @@ def images_total(config: JobConfig) -> int:
     return len(config.input_ids) * config.variations_per_image
 
 
+def images_per_prompt(config: JobConfig) -> int:
+    """The images made from one prompt: a run never spans two (automatic jobs have one prompt)."""
+    return config.images_per_prompt if isinstance(config, SemiAutoJobRequest) else images_total(config)
+
+
 def runs_total(config: JobConfig, run_size: int) -> int:
     if isinstance(config, SemiAutoJobRequest):
         # A run never mixes prompts: one Gemini "run" is one prompt's batch.

@@ -83,6 +83,10 @@ KEY_FUNCTIONS: dict[str, Callable[[str], str]] = {
     "group_jobs": keys.group_jobs,
     "group_key": keys.group,
     "project_groups": keys.project_groups,
+    "project_batch_queue": keys.project_batch_queue,
+    "project_batch_in_flight": keys.project_batch_in_flight,
+    "project_batch_images": keys.project_batch_images,
+    "project_spend": keys.project_spend,
 }
 KEY_NAMES: dict[str, str] = {
     "RUNNING": keys.RUNNING,
@@ -106,6 +110,12 @@ KEY_NAMES: dict[str, str] = {
     "UPLOADS_BY_USE": keys.UPLOADS_BY_USE,
     "DATASETS_BY_USE": keys.DATASETS_BY_USE,
     "UPLOADS_PURGING": keys.UPLOADS_PURGING,
+    "BATCH_READY": keys.BATCH_READY,
+    "BATCH_IN_FLIGHT": keys.BATCH_IN_FLIGHT,
+    "BATCH_RETRY": keys.BATCH_RETRY_QUEUE,
+    "BATCH_SECONDS": keys.BATCH_SECONDS,
+    "BUDGETS": keys.BUDGETS,
+    "BUDGET_PAUSES": keys.BUDGET_PAUSES,
 }
 
 
@@ -218,3 +228,7 @@ FORGET_CONSUMERS = load("forget_consumers")
 TRIM_ACKNOWLEDGED = load("trim_acknowledged")
 USE_UPLOAD = load("use_upload")
 CLAIM_UPLOAD = load("claim_upload")
+RESUME_BUDGET_PAUSES = load("resume_budget_pauses")
+CLAIM_BATCH_RUNS = load("claim_batch_runs")
+TAKE_DUE_BATCHES = load("take_due_batches")
+MARK_BATCH = load("mark_batch")

@@ -23,6 +23,7 @@ SECRET_SETTINGS = (
     "api_keys",
     "webhook_secret",
     "runpod_api_key",
+    "gemini_api_key",
     "user_webhook_secret",
     "user_webhook_secret_previous",
     "metrics_token",

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from shared.budgets import Budget, parse_budgets
+from shared.pricing import DEFAULT_GEMINI_PRICES, ModelPrices
 from shared.secret_files import SecretFiles
 
 
@@ -173,8 +175,49 @@ class Settings(BaseSettings):
     gemini_max_attempts: int = Field(3, ge=1)
     gemini_backoff_max_seconds: float = Field(30.0, ge=0)
     worker_transfer_allowance_seconds: float = Field(60.0, ge=0)
-    # USD per generated image, by model (JSON in the environment), for the metrics' cost estimate.
-    cost_per_image_usd: dict[str, float] = {"gemini-2.5-flash-image": 0.039, "gemini-3-pro-image-preview": 0.134}
+    # --- the batch lane (jobs with "lane": "batch": Gemini's Batch API, called by the dispatcher) ---
+    # Gemini's own endpoint and key for the batch lane (the realtime lane's key lives in the RunPod
+    # endpoint's environment). Empty base URL: Google's.
+    gemini_api_key: SecretStr = SecretStr("")
+    gemini_base_url: str = ""
+    # Images per Gemini batch job: the unit that is submitted, followed, retried when it expires and
+    # counted as one of the job's runs (progress "3/4 runs").
+    batch_run_size: int = Field(250, ge=1, le=10_000)
+    # A batch of at most this many requests, and at most batch_inline_max_bytes, goes inline in the
+    # create call (its results come back inline, all at once); larger ones go as a JSONL file
+    # through the Files API and their results are streamed back line by line. Gemini's inline
+    # batch limit is 20 MB (Batch API guide).
+    batch_inline_max_requests: int = Field(8, ge=0)
+    batch_inline_max_bytes: int = Field(20_000_000, ge=0, le=20_000_000)
+    # A batch is asked for its state this long after it was submitted, then at doubling intervals
+    # up to the maximum (Gemini's target turnaround is 24 h; most finish far sooner).
+    batch_poll_seconds: float = Field(10.0, gt=0)
+    batch_poll_max_seconds: float = Field(120.0, gt=0)
+    # How long one dispatcher may work on a batch (submitting it, reading its results) before
+    # another replica takes it over as abandoned.
+    batch_lease_seconds: float = Field(300.0, gt=0)
+    # Images of a project in Gemini batches at once (0: no limit); its next batches wait.
+    project_max_batch_images: int = Field(20_000, ge=0)
+    # Attempts of one batch (a batch that expires or fails is submitted again as a new attempt);
+    # after the last, each of its images fails with the reason.
+    batch_max_attempts: int = Field(2, ge=1)
+
+    # --- costs and budgets (shared/pricing.py, shared/budgets.py) ---
+    # Gemini's prices per model and lane, USD per million tokens (JSON in the environment:
+    # {"<model>": {"realtime": {"input_usd_per_million": 0.3, "output_usd_per_million": 30},
+    # "batch": {...}}}); must have the configured gemini_model. Defaults: Google's list prices.
+    gemini_prices: dict[str, ModelPrices] = Field(default_factory=lambda: dict(DEFAULT_GEMINI_PRICES))
+    # RunPod's price per second of a worker running a run: the endpoint's GPU flex price. Default:
+    # $0.00019/s, the 24 GB tier (L4, A5000, 3090) at https://docs.runpod.io/serverless/pricing.
+    runpod_price_per_second_usd: float = Field(0.00019, ge=0)
+    # A run's time assumed by quotes until runs were observed (RunPod execution and queue ETAs).
+    expected_run_seconds: float = Field(20.0, gt=0)
+    # A Gemini batch's turnaround assumed by quotes until batches were observed (target: 24 h).
+    batch_expected_seconds: float = Field(3600.0, gt=0)
+    # Spend limits per project, USD per UTC day or calendar month: "pa:100/day,pb:1000/month".
+    # A job whose quote exceeds what is left is refused (402); a project whose recorded spend
+    # reaches its budget is paused until the next period or an operator resumes it.
+    project_budgets: str = ""
 
     # --- packager ---
     zip_part_size: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024)
@@ -269,6 +312,10 @@ class Settings(BaseSettings):
             )
         return self
 
+    def run_size_for(self, lane: str) -> int:
+        """Images per run in the lane: a RunPod run, or a Gemini batch job."""
+        return self.batch_run_size if lane == "batch" else self.run_size
+
     def image_time_budget_seconds(self) -> float:
         """The longest one image may take on a worker: every attempt timing out, every wait at its
         cap, references and upload included."""
@@ -279,7 +326,7 @@ class Settings(BaseSettings):
             + self.worker_transfer_allowance_seconds
         )
 
-    @field_validator("runpod_base_url", "public_url", "s3_endpoint")
+    @field_validator("runpod_base_url", "public_url", "s3_endpoint", "gemini_base_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
@@ -292,6 +339,24 @@ class Settings(BaseSettings):
 
     def weight_by_project(self) -> dict[str, float]:
         return parse_weights(self.project_weights)
+
+    @field_validator("project_budgets")
+    @classmethod
+    def _budgets_parse(cls, value: str) -> str:
+        parse_budgets(value)
+        return value
+
+    def budget_by_project(self) -> dict[str, Budget]:
+        return parse_budgets(self.project_budgets)
+
+    @model_validator(mode="after")
+    def _model_has_prices(self) -> "Settings":
+        if self.gemini_model not in self.gemini_prices:
+            raise ValueError(
+                f"gemini_prices has no prices for gemini_model {self.gemini_model!r} (it has "
+                f"{', '.join(sorted(self.gemini_prices)) or 'none'}): add them to BUNCH_GEMINI_PRICES"
+            )
+        return self
 
     def project_for_key(self) -> dict[str, str]:
         """`BUNCH_API_KEYS` and the files of `BUNCH_API_KEYS_DIR` as {api_key: project}."""

@@ -488,7 +488,14 @@ def test_secrets_reach_the_containers_as_files_never_as_environment() -> None:
 def test_each_service_mounts_the_secrets_it_needs() -> None:
     wanted = {
         "gateway": {"webhook-secret", "s3-access-key", "s3-secret-key", "metrics-token", "redis-url"},
-        "dispatcher": {"webhook-secret", "s3-access-key", "s3-secret-key", "runpod-api-key", "redis-url"},
+        "dispatcher": {
+            "webhook-secret",
+            "s3-access-key",
+            "s3-secret-key",
+            "runpod-api-key",
+            "gemini-api-key",
+            "redis-url",
+        },
         "packager": {"webhook-secret", "s3-access-key", "s3-secret-key", "redis-url"},
     }
     for name in SERVICES:

@@ -23,7 +23,7 @@ WORKER_IN = ROOT / "worker" / "requirements.in"
 WORKER_LOCK = ROOT / "worker" / "requirements.txt"
 LOCKS = (DEV_LOCK, SERVICE_LOCK, EMULATORS_LOCK, WORKER_LOCK)
 # The packages only the worker imports: the `worker` extra of pyproject.toml.
-WORKER_ONLY = {"runpod", "google-genai"}
+WORKER_ONLY = {"runpod"}  # google-genai is the dispatcher's too (the batch lane)
 
 ENTRY = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[^\s;]+)\s*(?:;\s*(?P<marker>.+))?$")
 HASH = re.compile(r"^--hash=sha256:[0-9a-f]{64}$")

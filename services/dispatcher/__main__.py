@@ -1,10 +1,16 @@
 """The dispatcher process: `python -m services.dispatcher`."""
 
 import asyncio
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import aiohttp
 import uvloop
 
+from services.dispatcher.batch_lane.gemini import GeminiBatches, client_for
+from services.dispatcher.batch_lane.lane import BatchLane
+from services.dispatcher.budgets import BudgetResumer
 from services.dispatcher.configs import ConfigCache
 from services.dispatcher.dispatch import Dispatcher
 from services.dispatcher.health import HealthReader
@@ -18,6 +24,8 @@ from shared.redis_connection import connect, wait_until_usable
 from shared.secret_policy import refuse_unsafe_secrets
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.stores.batches import BatchStore
+from shared.stores.budgets import BudgetStore
 from shared.stores.jobs import JobStore
 from shared.stores.runs import RunStore
 from shared.stores.upstream import UpstreamStore
@@ -33,6 +41,9 @@ async def main(settings: Settings) -> None:
     store = JobStore(redis, settings)
     runs = RunStore(redis, settings)
     await store.set_weights(settings.weight_by_project())
+    budgets = BudgetStore(redis)
+    # complete_run.lua compares each project's spend with the budget kept here.
+    await budgets.set_limits(settings.budget_by_project())
     storage = Storage(settings)
     wakeup = asyncio.Event()
     name = consumer_name(settings, "dispatcher")
@@ -49,6 +60,14 @@ async def main(settings: Settings) -> None:
         upstream = UpstreamStore(redis)
         dispatcher = Dispatcher(runs, configs, storage, runpod, settings, wakeup, upstream)
         results = ResultHandler(runs, configs, settings, dispatcher.complete, storage, upstream)
+        gemini = GeminiBatches(client_for(settings), settings.gemini_model)
+        batch_lane = BatchLane(BatchStore(redis, settings), runs, configs, gemini, storage, settings)
+
+        async def handle_control(fields: dict[str, str]) -> None:
+            if fields.get("action") == "cancel_batches":
+                await batch_lane.cancel_batches(json.loads(fields.get("names") or "[]"))
+            else:
+                await dispatcher.handle_control(fields)
 
         async def record_result(fields: dict[str, str]) -> None:
             await results(fields)
@@ -72,7 +91,7 @@ async def main(settings: Settings) -> None:
             keys.CONTROL_STREAM,
             keys.DISPATCHER_GROUP,
             name,
-            dispatcher.handle_control,
+            handle_control,
             claim_idle_ms=idle,
             heartbeat=True,
         )
@@ -81,7 +100,17 @@ async def main(settings: Settings) -> None:
         # No stream for new jobs: create.lua queues each one itself and only announces it on Pub/Sub.
         wakeups = JobWakeups(redis, wakeup)
         settle_garbage_collector()
-        await run_until_signalled([wakeups.run, outcomes.run, control.run, dispatcher.run, poller.run, health.run])
+        tasks: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = [
+            wakeups.run,
+            outcomes.run,
+            control.run,
+            dispatcher.run,
+            poller.run,
+            health.run,
+            batch_lane.run,
+            BudgetResumer(budgets).run,
+        ]
+        await run_until_signalled(tasks)
         if exporter is not None:
             await exporter.cleanup()
     await redis.aclose()

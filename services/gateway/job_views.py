@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from services.gateway.schemas.jobs import JobStatusView, Progress, ZipInfo
+from services.gateway.schemas.jobs import JobCost, JobStatusView, Progress, ZipInfo
 from shared import planning
 from shared.errors import NotFound
 from shared.models import ImageStatus, JobStatus, SemiAutoJobRequest
@@ -52,6 +52,7 @@ def fields_with(job: JobRecord, figures: QueueFigures, storage: Storage) -> dict
         "id": job.id,
         "status": job.status,
         "mode": job.mode,
+        "lane": job.lane,
         "group": job.group,
         "group_id": job.group_id,
         "priority": job.priority,
@@ -67,6 +68,7 @@ def fields_with(job: JobRecord, figures: QueueFigures, storage: Storage) -> dict
         "zip": zip_info(job, storage),
         "retry_of": job.retry_of,
         "retried_by": job.retried_by,
+        "cost": JobCost(**job.cost()),
     }
 
 
@@ -117,4 +119,5 @@ def results_page(
         "images": images,
         "next_cursor": str(end) if end < job.images_total else None,
         "zip": zip_info(job, storage).model_dump(mode="json"),
+        "cost": job.cost(),
     }

@@ -10,7 +10,9 @@
 --       decoding JSON costs Redis), [9] a group name to resolve instead of a group_id, or '',
 --       [10] the id for the group if it is new, [11] the job's images, [12] the project's
 --       live-images quota (0: none), [13] the project's jobs-per-minute quota (0: none), [14] the
---       dataset the job's inputs come from, or '' (retention keeps a dataset a job named lately)
+--       dataset the job's inputs come from, or '' (retention keeps a dataset a job named lately),
+--       [15] the job's lane: 'batch' waits in its project's batch queue (Gemini batches, no RunPod
+--       slot), anything else in its project's queue for RunPod runs
 -- Returns: {DONE, sequence number, group id or ''}, {MISSING, {1-based positions in KEYS}},
 --          {OVER_QUOTA, 'images', seconds to retry after, images now}, or
 --          {OVER_QUOTA, 'jobs_per_minute', seconds to retry after}
@@ -51,7 +53,12 @@ redis.call('HINCRBY', project_counts(project), 'queued', 1)
 redis.call('HINCRBY', JOB_COUNTS, 'queued', 1)
 redis.call('INCRBY', project_live_images(project), images)
 redis.call('ZADD', project_live_jobs(project), created_at, job_id)
-enqueue(project, job_id, tonumber(ARGV[4]) * tonumber(ARGV[5]) + seq)
-activate(project)
+local score = tonumber(ARGV[4]) * tonumber(ARGV[5]) + seq
+if ARGV[15] == 'batch' then
+  batch_enqueue(project, job_id, score)
+else
+  enqueue(project, job_id, score)
+  activate(project)
+end
 redis.call('PUBLISH', JOBS_CHANNEL, project)
 return {DONE, seq, group_id}

@@ -1,5 +1,6 @@
 -- Regenerate some images of a finished job in place: forget their outcomes, queue redo runs (each
--- with its slots), and reopen the job; its ZIP is rebuilt when they are done.
+-- with its slots), and reopen the job; its ZIP is rebuilt when they are done. A batch-lane job's
+-- redo runs are Gemini batches (the batch lane's retries), the others RunPod runs.
 --
 -- KEYS: [1] the job's hash, [2] its images hash
 -- ARGV: [1] job_id, [2] now, [3] the project's live-images quota (0: none), [4] images to redo,
@@ -10,7 +11,7 @@
 
 local job_id, now = ARGV[1], tonumber(ARGV[2])
 local key = KEYS[1]
-local j = redis.call('HMGET', key, 'status', 'project', 'archived')
+local j = redis.call('HMGET', key, 'status', 'project', 'archived', 'lane')
 if not FINAL[j[1] or ''] or not job_may(j[1], 'processing') then return {REFUSED, j[1] or ''} end
 if j[3] then return {ARCHIVED} end
 local over = over_images_quota(j[2], tonumber(ARGV[4]), tonumber(ARGV[3]))
@@ -27,7 +28,14 @@ for i = 5, #ARGV, 2 do
   end
   redis.call('HSET', run_key(ARGV[i]), 'job_id', job_id, 'project', j[2], 'attempt', 1, 'status', 'queued',
              'slots', ARGV[i + 1])
-  redis.call('ZADD', RETRY, now, ARGV[i])
+  if j[4] == 'batch' then
+    -- Made again as a Gemini batch of its own: images counts it against the project's batch cap.
+    local _, commas = string.gsub(ARGV[i + 1], ',', '')
+    redis.call('HSET', run_key(ARGV[i]), 'lane', 'batch', 'images', commas + 1)
+    redis.call('ZADD', BATCH_RETRY, now, ARGV[i])
+  else
+    redis.call('ZADD', RETRY, now, ARGV[i])
+  end
 end
 redis.call('HINCRBY', key, 'images_succeeded', 0 - succeeded)  -- never -0: Redis refuses it
 redis.call('HINCRBY', key, 'images_failed', 0 - failed)

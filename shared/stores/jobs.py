@@ -68,11 +68,12 @@ class JobStore:
             id=uuid.uuid4().hex,
             project=project,
             mode=config.mode,
+            lane=config.lane,
             group=config.group,
             priority=config.priority,
             status=JobStatus.QUEUED,
             images_total=planning.images_total(config),
-            runs_total=planning.runs_total(config, self.settings.run_size),
+            runs_total=planning.runs_total(config, self.settings.run_size_for(config.lane)),
             created_at=time.time(),
             retry_of=retry_of,
             webhook_url=config.webhook_url,
@@ -86,12 +87,16 @@ class JobStore:
         await self.memory.check()
         fields = present(record.model_dump(mode="json", exclude={"seq", "group_id"}))
         fields["config"] = config.model_dump_json()
+        if config.lane == "batch":
+            # The batch lane's claim sizes each batch from it (shared/lua/claim_batch_runs.lua).
+            fields["per_prompt"] = planning.images_per_prompt(config)
         args: list[Any] = [record.id, project, record.created_at, record.priority, PRIORITY_SCALE]
         # Strings, so Redis stores each value exactly as redis-py would have written it; raw UTF-8,
         # so text reaches Redis as the encoder would have sent it.
         values = json.dumps({name: str(value) for name, value in fields.items()}, ensure_ascii=False)
         args += [group_id or "", retry_of or "", values, group_name or "", uuid.uuid4().hex]
         args += [record.images_total, max_live_images, self.settings.project_max_jobs_per_minute, dataset_id or ""]
+        args.append(config.lane)
         created = await scripts.CREATE(self.redis, list(required), args)
         if created.answer == Answer.MISSING:
             raise MissingKeys([int(position) - 1 for position in created.values[0]])
@@ -144,6 +149,10 @@ class JobStore:
 
     async def set_paused(self, project: str, paused: bool) -> None:
         """Paused: runs in flight finish, no new run of the project starts until resumed."""
+        # An operator's pause or resume replaces a pause for budget, which then no longer ends by
+        # itself. Taken out first: the budget loop's resume (resume_budget_pauses.lua) checks the
+        # entry in the same step as it resumes, so it can never undo the operator's word.
+        await self.redis.zrem(keys.BUDGET_PAUSES, project)
         await scripts.SET_PAUSED(self.redis, [keys.project_paused(project)], [project, int(paused)])
 
     async def set_weights(self, weights: dict[str, float]) -> None:
@@ -170,14 +179,14 @@ class JobStore:
         return canceled.done, str(canceled.values[0])
 
     async def redo(self, job_id: str, indices: Sequence[int]) -> tuple[bool, str]:
-        """Queue redo runs of at most run_size images; (False, status) if the job is not finished.
+        """Queue redo runs of at most the lane's run size; (False, status) if the job is not finished.
         OverQuota if the project's live-images quota has no room for them (nothing changes)."""
         await self.memory.check()
         if await self.redis.hget(keys.job(job_id), "archived"):
             await self.restore(job_id)
         ordered = sorted(set(indices))
         first = await self.redis.hincrby(keys.job(job_id), "redo_runs", 0)
-        size = self.settings.run_size
+        size = self.settings.run_size_for(await self.redis.hget(keys.job(job_id), "lane") or "realtime")
         chunks = [ordered[i : i + size] for i in range(0, len(ordered), size)]
         await self.redis.hincrby(keys.job(job_id), "redo_runs", len(chunks))
         args: list[Any] = [job_id, time.time(), self.settings.project_max_queued_images, len(ordered)]

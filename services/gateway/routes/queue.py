@@ -6,8 +6,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, status
 
 from services.gateway.deps import ProjectDep, ServicesDep
+from services.gateway.quotes import budget_state, check_budget, standing_of
 from services.gateway.schemas.common import API_PROBLEMS, problems
 from services.gateway.schemas.queue import (
+    BatchLaneState,
     CancelCount,
     CancelMany,
     DispatcherState,
@@ -25,6 +27,7 @@ from services.gateway.schemas.queue import (
 from services.gateway.submissions import submit
 from shared.errors import Conflict, NotFound
 from shared.models import JobStatus
+from shared.pricing import usd
 from shared.stores.upstream import Hold
 from shared.times import utc
 
@@ -58,7 +61,9 @@ async def cancel_many(body: CancelMany, project: ProjectDep, services: ServicesD
     return CancelCount(canceled_count=count)
 
 
-@router.post("/retry", status_code=status.HTTP_202_ACCEPTED, response_model=RetriedList, responses=problems(404, 409))
+@router.post(
+    "/retry", status_code=status.HTTP_202_ACCEPTED, response_model=RetriedList, responses=problems(402, 404, 409)
+)
 async def retry_many(body: RetryMany, project: ProjectDep, services: ServicesDep) -> RetriedList:
     """One failed job, or every failed job of the project not retried yet."""
     store = services.store
@@ -75,9 +80,12 @@ async def retry_many(body: RetryMany, project: ProjectDep, services: ServicesDep
             for job in await store.get_many(await services.projects.failed_job_ids(project))
             if job.status == JobStatus.FAILED and not job.retried_by
         ]
+    configs = [await store.config(job.id) for job in candidates]
+    # All of them against the budget at once (402, none retried), as each alone may fit.
+    await check_budget(services, project, configs)
     retried = []
-    for job in candidates:
-        accepted = await submit(services, project, await store.config(job.id), retry_of=job.id)
+    for job, config in zip(candidates, configs, strict=True):
+        accepted = await submit(services, project, config, retry_of=job.id, budget_checked=True)
         retried.append(Retried(id=accepted.id, retry_of=job.id))
     return RetriedList(retried=retried)
 
@@ -85,6 +93,7 @@ async def retry_many(body: RetryMany, project: ProjectDep, services: ServicesDep
 @router.get("/stats", response_model=QueueStats)
 async def stats(project: ProjectDep, services: ServicesDep) -> QueueStats:
     state, settings = await services.projects.state(project), services.settings
+    standing = await standing_of(services, project)
     return QueueStats(
         queue=QueueCounts(**state.jobs_by_status, total_jobs=sum(state.jobs_by_status.values())),
         dispatcher=DispatcherState(
@@ -94,9 +103,18 @@ async def stats(project: ProjectDep, services: ServicesDep) -> QueueStats:
             project_max_concurrency=settings.project_max_concurrency,
             dispatch_rpm=settings.dispatch_rpm,
             paused=state.paused,
+            pause_reason=state.pause_reason,
+            paused_until=utc(state.budget_paused_until),
         ),
         upstream_hold=_hold(state.hold),
         runpod=_runpod_workers(state.runpod_health),
+        batch=BatchLaneState(
+            batches_in_flight=state.batches_in_flight,
+            images_in_flight=state.batch_images,
+            max_images_in_flight=settings.project_max_batch_images,
+            jobs_waiting=state.batch_jobs_waiting,
+        ),
+        budget=None if standing is None else budget_state(standing),
     )
 
 
@@ -143,7 +161,7 @@ async def metrics(
     succeeded, failed, jobs = total("succeeded"), total("failed"), total("jobs")
     lows = [h["min_seconds"] for h in hours.values() if "min_seconds" in h]
     highs = [h["max_seconds"] for h in hours.values() if "max_seconds" in h]
-    settings = services.settings
+    gemini, runpod = total("gemini_micros"), total("runpod_micros")
     return QueueMetrics(
         time_range=time_range,
         success_rate=round(succeeded / (succeeded + failed), 4) if succeeded + failed else None,
@@ -154,13 +172,17 @@ async def metrics(
         images_succeeded=succeeded,
         images_failed=failed,
         total_tokens=total("tokens"),
-        estimated_cost_usd=round(succeeded * settings.cost_per_image_usd.get(settings.gemini_model, 0.0), 4),
+        cost_usd=usd(gemini + runpod),
+        gemini_cost_usd=usd(gemini),
+        runpod_cost_usd=usd(runpod),
+        estimated_cost_usd=usd(gemini + runpod),
         hourly_breakdown=[
             HourlyPoint(
                 hour=utc(hour * 3600),
                 images_succeeded=int(h.get("succeeded", 0)),
                 images_failed=int(h.get("failed", 0)),
                 tokens=int(h.get("tokens", 0)),
+                cost_usd=usd(h.get("gemini_micros", 0) + h.get("runpod_micros", 0)),
             )
             for hour, h in sorted(hours.items())
         ],

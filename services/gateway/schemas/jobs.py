@@ -1,7 +1,7 @@
 """The bodies of the job routes (/api/jobs)."""
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,10 +48,25 @@ class ZipInfo(BaseModel):
     url: str | None = None
 
 
+class JobCost(BaseModel):
+    """What the job's finished run attempts cost, as recorded (zeros before any ended): Gemini's
+    tokens priced by model and lane, and RunPod's execution time at the configured price."""
+
+    lane: str
+    prompt_tokens: int
+    output_tokens: int
+    gemini_usd: float
+    runpod_seconds: float
+    runpod_usd: float
+    total_usd: float
+
+
 class JobStatusView(BaseModel):
     id: str
     status: JobStatus
     mode: str
+    # "realtime" (RunPod runs) or "batch" (Gemini batch jobs, counted as its runs).
+    lane: str = "realtime"
     group: str
     group_id: str | None = None
     priority: int
@@ -67,6 +82,7 @@ class JobStatusView(BaseModel):
     zip: ZipInfo
     retry_of: str | None = None
     retried_by: str | None = None
+    cost: JobCost
 
 
 class JobList(BaseModel):
@@ -123,3 +139,42 @@ class JobResults(BaseModel):
     images: list[ImageView]
     next_cursor: str | None
     zip: ZipInfo
+    cost: JobCost
+
+
+class LaneQuote(BaseModel):
+    """What the job would take in one lane. Tokens as Gemini counts them (prompt text and input
+    images, the model's tokens per image); RunPod time from the observed run time (none in the
+    batch lane); times from the project's queue now (null: not known, as while the project or the
+    whole queue is paused). In the batch lane both times are the expected turnaround of a batch."""
+
+    runs: int
+    prompt_tokens: int
+    output_tokens: int
+    gemini_usd: float
+    runpod_worker_seconds: float
+    runpod_usd: float
+    total_usd: float
+    expected_wait_seconds: float | None
+    expected_duration_seconds: float | None
+
+
+class BudgetState(BaseModel):
+    """The project's budget this period (BUNCH_PROJECT_BUDGETS), USD of recorded spend."""
+
+    period: Literal["day", "month"]
+    limit_usd: float
+    spent_usd: float
+    remaining_usd: float
+    resets_at: datetime
+
+
+class JobQuote(BaseModel):
+    """What a job would cost and take, in each lane; nothing is created."""
+
+    images: int
+    model: str
+    lane: Literal["realtime", "batch"] = Field(description="the lane the body asked for")
+    lanes: dict[Literal["realtime", "batch"], LaneQuote]
+    budget: BudgetState | None
+    within_budget: bool = Field(description="the quote in the body's lane fits what the budget has left")

@@ -1,10 +1,12 @@
 """The bodies of the project queue routes (/api/queue)."""
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.gateway.schemas.common import JsonRequest
+from services.gateway.schemas.jobs import BudgetState
 from shared.ids import ID_PATTERN, Id
 
 
@@ -73,6 +75,21 @@ class DispatcherState(BaseModel):
     project_max_concurrency: int
     dispatch_rpm: int
     paused: bool
+    pause_reason: Literal["operator", "budget"] | None = Field(
+        None, description="budget: its recorded spend reached its budget this period; null when not paused"
+    )
+    paused_until: datetime | None = Field(
+        None, description="when a pause for budget ends by itself (the next period); null: until resumed"
+    )
+
+
+class BatchLaneState(BaseModel):
+    """The project's batch lane (Gemini batch jobs): what is on Gemini now, and what waits."""
+
+    batches_in_flight: int
+    images_in_flight: int
+    max_images_in_flight: int = Field(description="BUNCH_PROJECT_MAX_BATCH_IMAGES (0: no limit)")
+    jobs_waiting: int = Field(description="batch-lane jobs with batches left to submit")
 
 
 class UpstreamHoldState(BaseModel):
@@ -103,6 +120,8 @@ class QueueStats(BaseModel):
     dispatcher: DispatcherState
     upstream_hold: UpstreamHoldState | None = None
     runpod: RunPodWorkers | None = None
+    batch: BatchLaneState | None = None
+    budget: BudgetState | None = Field(None, description="the project's budget this period; null: it has none")
 
 
 class HourlyPoint(BaseModel):
@@ -110,6 +129,7 @@ class HourlyPoint(BaseModel):
     images_succeeded: int
     images_failed: int
     tokens: int
+    cost_usd: float = Field(description="recorded cost of the runs that ended in the hour (Gemini and RunPod)")
 
 
 class QueueMetrics(BaseModel):
@@ -122,5 +142,12 @@ class QueueMetrics(BaseModel):
     images_succeeded: int
     images_failed: int
     total_tokens: int
-    estimated_cost_usd: float
+    # Recorded when runs end (shared/lua/complete_run.lua): Gemini's tokens priced by model and lane,
+    # and RunPod's execution time at the configured price.
+    cost_usd: float
+    gemini_cost_usd: float
+    runpod_cost_usd: float
+    estimated_cost_usd: float = Field(
+        deprecated=True, description="the same as cost_usd (once succeeded images x a price per image)"
+    )
     hourly_breakdown: list[HourlyPoint]

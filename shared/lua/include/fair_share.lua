@@ -80,9 +80,55 @@ local function dequeue(project, job_id)
   return true
 end
 
--- A run is no longer in flight: its slot, and its project's, are free again.
+-- The batch lane (jobs made through Gemini's Batch API). A project with batches left to submit
+-- sits in BATCH_READY; the claim serves the lowest score and moves the project to the back
+-- (round robin). A paused project, or one at its cap of images in batches, leaves it as it is met;
+-- the change that lets it go on (a batch of it ends, resume, a new job, a retry coming due) puts it
+-- back. Its batches never take a RunPod slot: none of this touches RUNNING or READY.
+local function batch_wake(project)
+  if redis.call('EXISTS', project_paused(project)) == 1 then return end
+  if redis.call('ZCARD', project_batch_queue(project)) == 0 then return end
+  redis.call('ZADD', BATCH_READY, 'NX', 0, project)
+end
+
+local function batch_enqueue(project, job_id, score)
+  redis.call('ZADD', project_batch_queue(project), 'NX', score, job_id)
+  batch_wake(project)
+end
+
+-- A batch is no longer in flight: its images no longer count against its project's cap.
+local function leave_batch(run_id, project)
+  redis.call('ZREM', project_batch_in_flight(project), run_id)
+  local images = tonumber(redis.call('HGET', run_key(run_id), 'images') or '0')
+  if images > 0 then redis.call('DECRBY', project_batch_images(project), images) end
+  batch_wake(project)
+end
+
+-- A run is no longer in flight: its slot, and its project's, are free again (a batch: its images).
 local function leave_running(run_id, project)
   redis.call('ZREM', RUNNING, run_id)
   redis.call('ZREM', project_running(project), run_id)
+  if redis.call('ZREM', BATCH_IN_FLIGHT, run_id) == 1 then leave_batch(run_id, project) end
   wake(project)
+end
+
+-- Where a run waits to start again: the batch lane's retries, or the RunPod runs'.
+local function retry_queue(run_id)
+  if redis.call('HGET', run_key(run_id), 'lane') == 'batch' then return BATCH_RETRY end
+  return RETRY
+end
+
+-- The pause switch: on, runs in flight finish and none starts in either lane until it is off (an
+-- operator's pause, set_paused.lua, or a budget's, include/budgets.lua).
+local function pause_project(project)
+  redis.call('SET', project_paused(project), '1')
+  local pass = redis.call('ZSCORE', READY, project)
+  if pass then set_aside(project, tonumber(pass)) end
+  redis.call('ZREM', BATCH_READY, project)
+end
+
+local function resume_project(project)
+  redis.call('DEL', project_paused(project))
+  wake(project)
+  batch_wake(project)
 end
