@@ -9,12 +9,21 @@ from typing import IO, Any
 import httpx
 
 from bunch_cli import __version__, sse
+from bunch_cli.costs import refusal_text
 from bunch_cli.errors import CliError, ExitCode, exit_code_for_status
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 UPLOAD_BATCH = 100  # POST /api/uploads takes at most 100 files per request
 
 Progress = Callable[[int], None]  # called with the number of bytes moved so far
+
+
+def body_of(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def detail_of(response: httpx.Response) -> str:
@@ -60,6 +69,7 @@ class BunchClient:
     def error(self, response: httpx.Response) -> CliError:
         status = response.status_code
         detail = detail_of(response)
+        body = body_of(response) if status == 402 else None
         request = response.request
         where = f"{request.method} {request.url.path}"
         code = exit_code_for_status(status)
@@ -70,9 +80,11 @@ class BunchClient:
             message = f"The server at {self.base_url} does not offer {where} (HTTP {status}); is it an older Bunch?"
         elif code == ExitCode.SERVER:
             message = f"The server failed on {where} (HTTP {status}): {detail}"
+        elif code == ExitCode.BUDGET and body is not None:
+            message = refusal_text(detail, body)
         else:
             message = f"{detail} (HTTP {status})"
-        return CliError(message, code, status=status, detail=detail)
+        return CliError(message, code, status=status, detail=detail, body=body)
 
     def unreachable(self, exc: httpx.TransportError) -> CliError:
         if isinstance(exc, httpx.TimeoutException):
@@ -142,6 +154,11 @@ class BunchClient:
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self.json("POST", "/api/jobs", json=body)
+        return result
+
+    def quote(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /api/jobs/quote: what the job `body` would cost on each lane; nothing is created."""
+        result: dict[str, Any] = self.json("POST", "/api/jobs/quote", json=body)
         return result
 
     def status(self, job_id: str) -> dict[str, Any]:

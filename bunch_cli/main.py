@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 1 a job ended failed or canceled (--wait, watch); 2 usage error or a request the
 server refused as invalid; 3 missing or wrong API key; 4 no such job, or not possible in its state;
-5 server unreachable or failing. Messages go to stderr; what a script wants (job ids, tables, JSON)
+5 server unreachable or failing; 6 the job would cost more than is left of the project's budget
+(402). Messages go to stderr; what a script wants (job ids, tables, JSON)
 goes to stdout.
 """
 
@@ -34,10 +35,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bunch_cli import __version__, datasets
+from bunch_cli import __version__, costs, datasets
 from bunch_cli.client import DEFAULT_URL, BunchClient
 from bunch_cli.errors import CliError, ExitCode, usage
-from bunch_cli.watch import FINAL, eta_text, exit_code, list_active, styled, summary, watch
+from bunch_cli.units import eta_text, usd
+from bunch_cli.watch import FINAL, exit_code, list_active, styled, summary, watch
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -72,6 +74,11 @@ class Status(StrEnum):
     completed = "completed"
     failed = "failed"
     canceled = "canceled"
+
+
+class Lane(StrEnum):
+    realtime = "realtime"
+    batch = "batch"
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,22 @@ WaitOpt = Annotated[bool, typer.Option("--wait", "-w", help="Follow the job and 
 AspectOpt = Annotated[str | None, typer.Option("--aspect-ratio", help="e.g. 1:1, 16:9.", show_default=False)]
 SizeOpt = Annotated[str | None, typer.Option("--image-size", help="1K, 2K or 4K.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the server's JSON.")]
+LaneOpt = Annotated[
+    Lane,
+    typer.Option(
+        "--lane",
+        help="realtime: RunPod runs, minutes. batch: Gemini's Batch API, half the price, within 24 h.",
+        show_default=True,
+    ),
+]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Print what the job would cost and take on each lane, and the budget; submit nothing "
+        "(the inputs are still uploaded: the price depends on them).",
+    ),
+]
 JobArg = Annotated[str, typer.Argument(metavar="JOB", help="A job id.", show_default=False)]
 
 
@@ -159,6 +182,19 @@ def _follow(cfg: Config, job_ids: list[str], discover: Callable[[], list[str]] |
     for state in states.values():
         err.print(summary(state), soft_wrap=True)
     return exit_code(states.values())
+
+
+def _print_quote(quote: dict[str, Any]) -> None:
+    """A dry run's answer on stdout: the lanes side by side, then the budget."""
+    out.print(
+        f"{quote.get('images')} image(s) with {escape(str(quote.get('model')))}, lane {quote.get('lane')}:",
+        soft_wrap=True,
+    )
+    out.print(costs.quote_table(quote))
+    out.print(costs.budget_line(quote.get("budget")), soft_wrap=True)
+    if warning := costs.over_budget_line(quote):
+        out.print(f"[bold red]{escape(warning)}[/]", soft_wrap=True)
+    err.print("Dry run: no job was created.")
 
 
 def _submitted(cfg: Config, accepted: dict[str, Any], what: str, wait: bool) -> None:
@@ -189,6 +225,8 @@ def submit_semi_auto(
     priority: PriorityOpt = 10,
     aspect_ratio: AspectOpt = None,
     image_size: SizeOpt = None,
+    lane: LaneOpt = Lane.realtime,
+    dry_run: DryRunOpt = False,
     wait: WaitOpt = False,
 ) -> None:
     """A batch from reference images and prompts: every prompt gets --images images."""
@@ -205,13 +243,17 @@ def submit_semi_auto(
             "reference_ids": reference_ids,
             "images_per_prompt": images,
             "priority": priority,
+            "lane": lane.value,
         }
         if params := _params(aspect_ratio, image_size):
             body["params"] = params
+        if dry_run:
+            _print_quote(client.quote(body))
+            return
         accepted = client.submit(body)
     total = images * len(prompt)
     runs = math.ceil(images / 4) * len(prompt)
-    _submitted(cfg, accepted, f"{total} images in about {runs} runs, group '{group}'", wait)
+    _submitted(cfg, accepted, f"{total} images in about {runs} runs, group '{group}', {lane.value} lane", wait)
 
 
 def _upload_dataset(client: BunchClient, source: Path) -> dict[str, Any]:
@@ -276,6 +318,8 @@ def submit_auto(
     priority: PriorityOpt = 10,
     aspect_ratio: AspectOpt = None,
     image_size: SizeOpt = None,
+    lane: LaneOpt = Lane.realtime,
+    dry_run: DryRunOpt = False,
     wait: WaitOpt = False,
 ) -> None:
     """Dataset augmentation: every image of DIR_OR_ZIP gets --variations variants of --prompt."""
@@ -298,11 +342,16 @@ def submit_auto(
             "dataset_id": uploaded["id"],
             "variations_per_image": variations,
             "priority": priority,
+            "lane": lane.value,
         }
         if params := _params(aspect_ratio, image_size):
             body["params"] = params
+        if dry_run:
+            _print_quote(client.quote(body))
+            return
         accepted = client.submit(body)
-    _submitted(cfg, accepted, f"{count * variations} images from {count} inputs, group '{group}'", wait)
+    what = f"{count * variations} images from {count} inputs, group '{group}', {lane.value} lane"
+    _submitted(cfg, accepted, what, wait)
 
 
 # --- looking at jobs -------------------------------------------------------------------------
@@ -356,11 +405,13 @@ def list_jobs(
     table.add_column("JOB", no_wrap=True)
     table.add_column("STATUS", no_wrap=True)
     table.add_column("MODE", no_wrap=True)
+    table.add_column("LANE", no_wrap=True)
     table.add_column("GROUP")
     table.add_column("IMAGES", justify="right", no_wrap=True)
     table.add_column("FAILED", justify="right")
     table.add_column("RUNS", justify="right", no_wrap=True)
     table.add_column("QUEUE/ETA", justify="right")
+    table.add_column("COST", justify="right", no_wrap=True)
     table.add_column("CREATED", no_wrap=True)
     for job in jobs:
         p = _progress(job)
@@ -368,11 +419,13 @@ def list_jobs(
             str(job.get("id")),
             styled(str(job.get("status"))),
             str(job.get("mode", "")),
+            costs.lane_of(job),
             escape(str(job.get("group", ""))),
             f"{p['images_succeeded']}/{p['images_total']}",
             str(p["images_failed"] or ""),
             f"{p['runs_done']}/{p['runs_total']}",
             _waiting(job),
+            usd(job["cost"].get("total_usd")) if job.get("cost") else "",
             _when(job.get("created_at")),
         )
     out.print(table)
@@ -396,6 +449,7 @@ def job_status(ctx: typer.Context, job: JobArg, as_json: JsonOpt = False) -> Non
         ("job", str(view.get("id"))),
         ("status", styled(str(view.get("status")))),
         ("mode", str(view.get("mode", ""))),
+        ("lane", costs.lane_of(view)),
         ("group", escape(str(view.get("group", "")))),
         ("priority", str(view.get("priority", ""))),
         ("images", f"{p['images_succeeded']} done, {p['images_failed']} failed, of {p['images_total']}"),
@@ -408,6 +462,10 @@ def job_status(ctx: typer.Context, job: JobArg, as_json: JsonOpt = False) -> Non
     for key in ("created_at", "started_at", "completed_at"):
         if view.get(key):
             rows.append((key.removesuffix("_at"), _when(view[key])))
+    if view.get("cost"):
+        # Counted as runs end: a job still going has cost this much so far.
+        label = "cost" if view.get("status") in FINAL else "cost so far"
+        rows.append((label, costs.cost_text(view["cost"])))
     if view.get("error"):
         rows.append(("error", f"[red]{escape(str(view['error']))}[/]"))
     if zip_info.get("ready"):

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bunch_cli.client import BunchClient
 from bunch_cli.errors import CliError, ExitCode
+from bunch_cli.units import eta_text, usd
 
 FINAL = frozenset({"completed", "failed", "canceled"})
 ACTIVE = ("queued", "processing", "packaging")
@@ -32,17 +33,6 @@ def styled(status: str) -> str:
     return f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]"
 
 
-def eta_text(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 @dataclass
 class JobState:
     job_id: str
@@ -56,6 +46,8 @@ class JobState:
     queue_position: int | None = None
     eta_seconds: float | None = None
     error: str | None = None
+    lane: str | None = None
+    cost: dict[str, Any] | None = None  # once the server counts it (a status view's `cost`)
     failure: CliError | None = None  # the follower could not go on (e.g. the job vanished)
     seen: bool = False  # the server has told something about the job
 
@@ -86,6 +78,11 @@ class JobState:
             self.eta_seconds = data["eta_seconds"]
         if data.get("error"):
             self.error = str(data["error"])
+        if data.get("lane"):
+            self.lane = str(data["lane"])
+        if isinstance(data.get("cost"), dict):
+            self.cost = data["cost"]
+            self.lane = self.lane or self.cost.get("lane")
 
     def detail(self) -> str:
         parts = [styled(self.status)]
@@ -97,6 +94,10 @@ class JobState:
             parts.append(f"#{self.queue_position} in queue")
         if self.eta_seconds is not None and not self.final:
             parts.append(f"ETA {eta_text(self.eta_seconds)}")
+        if self.lane == "batch":
+            parts.append("batch lane")
+        if self.cost:
+            parts.append(usd(self.cost.get("total_usd")))
         return " · ".join(parts)
 
 
@@ -293,6 +294,9 @@ def summary(state: JobState) -> str:
     counts = f"{state.images_succeeded} of {state.images_total} images"
     if state.images_failed:
         counts += f", {state.images_failed} failed"
+    if state.cost:
+        lane = state.cost.get("lane") or state.lane or "realtime"
+        counts += f", cost {usd(state.cost.get('total_usd'))} ({lane} lane)"
     line = f"Job {state.job_id} {styled(state.status)}: {counts}"
     if state.status == "completed":
         line += f". Download: bunch download {state.job_id} -o {state.job_id[:12]}.zip"

@@ -18,11 +18,14 @@ from PIL import Image
 
 from bunch_cli import sse
 from bunch_cli.errors import ExitCode
+from bunch_cli.units import usd
 from deploy.processes import ROOT, free_port
 from deploy.stack import Stack
 from tests.stack_helpers import png_bytes, running_stack
 
 KEY = "cli-key"
+QUOTE_KEY = "cli-quote-key"  # a project of its own, whose job list the dry runs must leave empty
+POOR_KEY = "cli-poor-key"  # a project whose budget no job fits
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -30,7 +33,7 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 def stack() -> Iterator[Stack]:
     with running_stack(
         "bunch-cli-",
-        api_keys=f"{KEY}:cli",
+        api_keys=f"{KEY}:cli,{QUOTE_KEY}:cli-quotes,{POOR_KEY}:cli-poor",
         runpod_workers=8,
         runpod_args=("--webhook-retry-delay", "0.2"),
         service_env={
@@ -39,6 +42,7 @@ def stack() -> Iterator[Stack]:
             "BUNCH_POLL_INTERVAL_SECONDS": "0.5",
             "BUNCH_RETRY_BACKOFF_SECONDS": "0.2",
             "BUNCH_RETRY_BACKOFF_MAX_SECONDS": "1",
+            "BUNCH_PROJECT_BUDGETS": "cli-poor:0.0001/day",
         },
     ) as stack:
         yield stack
@@ -294,3 +298,84 @@ def test_event_stream_parsing() -> None:
         sse.Event("progress", '{"status": "processing",\n "runs_done": 2}', "7"),
         sse.Event("message", "last", "7"),
     ]
+
+
+def test_dry_run_prints_both_lanes_and_creates_no_job(stack: Stack, tmp_path: Path) -> None:
+    api = httpx.Client(base_url=stack.gateway_url, headers={"Authorization": f"Bearer {QUOTE_KEY}"}, timeout=30)
+    ref = tmp_path / "ref.png"
+    ref.write_bytes(png_bytes(seed=41))
+    args = ("submit", "semi-auto", "--prompt", "a paper crane", "--prompt", "a tin robot", "--ref", str(ref), "-n", "6")
+    dry = bunch(stack.gateway_url, *args, "--dry-run", api_key=QUOTE_KEY)
+    printed = ok(dry)
+    assert "no job was created" in dry.stderr.lower()
+    reference_id = api.post("/api/uploads", files=[("files", ("ref.png", ref.read_bytes()))]).json()["uploads"][0]["id"]
+    body = {"mode": "semi_auto", "group": "default", "prompts": ["a paper crane", "a tin robot"],
+            "reference_ids": [reference_id], "images_per_prompt": 6, "priority": 10, "lane": "realtime"}  # fmt: skip
+    quote = api.post("/api/jobs/quote", json=body).json()
+    realtime, batch = quote["lanes"]["realtime"], quote["lanes"]["batch"]
+    assert quote["images"] == 12 and batch["total_usd"] < realtime["total_usd"]
+    header = next(line for line in printed.splitlines() if "realtime" in line and "batch" in line)
+    assert header.split() == ["realtime", "(chosen)", "batch"], printed
+    total = next(line for line in printed.splitlines() if line.startswith("total USD"))
+    assert total.split()[2:] == [usd(realtime["total_usd"]), usd(batch["total_usd"])], printed
+    runs = next(line for line in printed.splitlines() if line.startswith("runs"))
+    assert runs.split()[1:] == [str(realtime["runs"]), str(batch["runs"])], printed
+    for label in ("prompt tokens", "output tokens", "Gemini USD", "RunPod worker-seconds", "RunPod USD",
+                  "expected wait", "expected duration"):  # fmt: skip
+        assert label in printed, (label, printed)
+    assert "Budget" in printed or "No budget is set" in printed
+
+    batch_dry = ok(bunch(stack.gateway_url, *args, "--lane", "batch", "--dry-run", api_key=QUOTE_KEY))
+    assert "batch (chosen)" in batch_dry
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"p{index}.png").write_bytes(png_bytes(32, 32, seed=50 + index))
+    auto = ok(bunch(stack.gateway_url, "submit", "auto", "-p", "ink", str(folder), "-v", "2", "--dry-run",
+                    api_key=QUOTE_KEY))  # fmt: skip
+    assert auto.startswith("6 image(s) with ") and "total USD" in auto, auto
+    assert api.get("/api/jobs").json()["jobs"] == []
+
+    bad = bunch(stack.gateway_url, "submit", "semi-auto", "-p", "x", "-n", "1", "--lane", "slow", api_key=QUOTE_KEY)
+    assert bad.returncode == ExitCode.USAGE and "--lane" in bad.stderr, bad
+    api.close()
+
+
+def test_lane_batch_submits_a_batch_job_and_status_shows_lanes_and_costs(stack: Stack) -> None:
+    submitted = bunch(stack.gateway_url, "submit", "semi-auto", "-p", "a slow kite", "-n", "3", "--lane", "batch")
+    job_id = ok(submitted).strip()
+    assert JOB_ID.match(job_id) and "batch lane" in submitted.stderr, submitted
+    view = httpx.get(f"{stack.gateway_url}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert view["lane"] == "batch" and view["config"]["lane"] == "batch"
+    status = ok(bunch(stack.gateway_url, "status", job_id))
+    assert re.search(r"^lane\s+batch\s*$", status, re.MULTILINE), status
+    assert re.search(r"^cost( so far)?\s+\$", status, re.MULTILINE), status  # "so far" while it runs
+    listing = ok(bunch(stack.gateway_url, "jobs"))
+    assert "batch" in next(line for line in listing.splitlines() if job_id in line)
+
+    realtime = bunch(stack.gateway_url, "submit", "semi-auto", "-p", "a quick kite", "-n", "2", "--wait")
+    realtime_id = ok(realtime).strip()
+    cost = json.loads(ok(bunch(stack.gateway_url, "status", realtime_id, "--json")))["cost"]
+    assert cost["lane"] == "realtime" and cost["total_usd"] > 0
+    assert (
+        f"Job {realtime_id} completed: 2 of 2 images, cost {usd(cost['total_usd'])} (realtime lane)" in realtime.stderr
+    )
+    shown = ok(bunch(stack.gateway_url, "status", realtime_id))
+    assert re.search(rf"^cost\s{{2,}}{re.escape(usd(cost['total_usd']))} \(Gemini ", shown, re.MULTILINE), shown
+
+
+def test_a_job_over_the_budget_is_refused_with_its_figures(stack: Stack) -> None:
+    args = ("submit", "semi-auto", "-p", "an expensive fox", "-n", "4")
+    dry = bunch(stack.gateway_url, *args, "--dry-run", api_key=POOR_KEY)
+    printed = ok(dry)
+    assert "Budget: $0.0001 of $0.0001 left this day (spent $0.00); resets at " in printed, printed
+    assert "Over budget: " in printed and "a submit would be refused" in printed, printed
+
+    refused = bunch(stack.gateway_url, *args, api_key=POOR_KEY)
+    assert refused.returncode == ExitCode.BUDGET, refused
+    assert refused.stdout == "" and "Traceback" not in refused.stderr
+    assert "(HTTP 402)" in refused.stderr and "spent $0.00 of $0.0001 this day, $0.0001 left" in refused.stderr
+    assert re.search(r"This job: \$0\.\d{4};", refused.stderr), refused.stderr
+    listing = httpx.get(f"{stack.gateway_url}/api/jobs", headers={"Authorization": f"Bearer {POOR_KEY}"}).json()
+    assert listing["jobs"] == []

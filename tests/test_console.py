@@ -3,14 +3,16 @@
 import asyncio
 import io
 import os
+import re
 import shutil
 import zipfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, Request, async_playwright, expect
 
 from deploy.processes import ROOT, scratch_dir
 from deploy.stack import Stack, start_stack
@@ -18,6 +20,7 @@ from tests.stack_helpers import client, emulator, png_bytes
 
 CHROMIUM = "/usr/bin/chromium"
 KEY = "console-key"
+POOR_KEY = "console-poor-key"  # a project whose budget no job fits
 # Screenshots go to a scratch folder unless BUNCH_SCREENSHOTS names another (docs/screenshots).
 SHOTS = Path(os.environ.get("BUNCH_SCREENSHOTS", "")) if os.environ.get("BUNCH_SCREENSHOTS") else None
 
@@ -29,7 +32,11 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     workdir = scratch_dir("bunch-console-")
-    stack = start_stack(workdir, api_keys=f"{KEY}:console", service_env={"BUNCH_MAX_CONCURRENCY": "4"})
+    stack = start_stack(
+        workdir,
+        api_keys=f"{KEY}:console,{POOR_KEY}:console-poor",
+        service_env={"BUNCH_MAX_CONCURRENCY": "4", "BUNCH_PROJECT_BUDGETS": "console-poor:0.0001/month"},
+    )
     yield stack
     stack.stop()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -219,3 +226,149 @@ async def test_a_refresh_asked_for_mid_flight_runs_again_after_it(page: Page) ->
     )
     # One read for the first event, then one more that saw the latest news; none for each event.
     assert reads == [1, 3]
+
+
+async def lane_totals(page: Page) -> tuple[str, str]:
+    return (
+        await page.locator(".lane[data-lane=realtime] .lane-total").inner_text(),
+        await page.locator(".lane[data-lane=batch] .lane-total").inner_text(),
+    )
+
+
+async def test_the_lanes_are_priced_live_and_a_batch_job_is_submitted(page: Page, stack: Stack, tmp_path: Path) -> None:
+    dataset = tmp_path / "lanes.zip"
+    with zipfile.ZipFile(dataset, "w") as archive:
+        for n in range(3):
+            archive.writestr(f"{n}.png", png_bytes(40, 40, seed=60 + n))
+    quotes: list[Any] = []  # the body of every quote the page asks for, in order
+
+    def asked_quote(request: Request) -> None:
+        if request.url.endswith("/api/jobs/quote"):
+            quotes.append(request.post_data_json)
+
+    page.on("request", asked_quote)
+    await page.goto("/automatic")
+    await expect(page.locator("#quote-message")).to_have_text("Prices show once the form is complete.")
+    await page.set_input_files("#dataset", str(dataset))
+    await page.fill("#base-prompt", "as a woodcut")
+    await page.fill("#variations", "1")
+    realtime = page.locator(".lane[data-lane=realtime] .lane-total")
+    await expect(realtime).to_have_text(re.compile(r"^\$\d"), timeout=30_000)
+    await expect(page.locator("#quote-message")).to_contain_text("3 image(s) with ")
+    await expect(page.locator(".lane[data-lane=batch] .lane-parts")).to_contain_text("Gemini $")
+    assert quotes and all(body is not None for body in quotes)  # nothing was asked while incomplete
+    async with client(stack, KEY) as api:
+        body = {"mode": "automatic", "base_prompt": "as a woodcut", "dataset_id": quotes[-1]["dataset_id"],
+                "variations_per_image": 1, "group": "default", "lane": "realtime"}  # fmt: skip
+        one = (await api.post("/api/jobs/quote", json=body)).json()
+        three = (await api.post("/api/jobs/quote", json={**body, "variations_per_image": 3})).json()
+    first = await lane_totals(page)
+    assert one["lanes"]["batch"]["total_usd"] < one["lanes"]["realtime"]["total_usd"]
+
+    asked = len(quotes)
+    await page.fill("#variations", "3")
+    await expect(page.locator("#quote-message")).to_contain_text("9 image(s) with ")
+    second = await lane_totals(page)
+    assert second != first and three["lanes"]["realtime"]["total_usd"] > one["lanes"]["realtime"]["total_usd"]
+    assert len(quotes) == asked + 1  # typing is debounced into one request
+    assert quotes[-1]["variations_per_image"] == 3
+
+    await page.fill("#base-prompt", "")
+    await expect(page.locator("#quote-message")).to_have_text("Prices show once the form is complete.")
+    await expect(realtime).to_have_text("")
+    await page.fill("#base-prompt", "as a woodcut")
+    async with page.expect_response(
+        lambda r: r.url.endswith("/api/jobs/quote") and (r.request.post_data_json or {}).get("lane") == "batch"
+    ):
+        await page.locator(".lane[data-lane=batch]").click()
+    await expect(page.locator("input[name=lane][value=batch]")).to_be_checked()
+    await expect(realtime).to_have_text(re.compile(r"^\$\d"))
+    await page.click("button[type=submit]")
+    message = page.locator("#auto-message")
+    await expect(message).to_contain_text("3 image(s) accepted; batch job ", timeout=30_000)
+    prefix = re.search(r"batch job ([0-9a-f]{8})", await message.inner_text())
+    assert prefix
+    await expect(page.locator("#job-counts")).to_contain_text("lane batch")
+    async with client(stack, KEY) as api:
+        jobs = (await api.get("/api/jobs", params={"limit": 20})).json()["jobs"]
+        job_id = next(job["id"] for job in jobs if job["id"].startswith(prefix.group(1)))
+        job = (await api.get(f"/api/jobs/{job_id}")).json()
+    assert job["lane"] == "batch" and job["config"]["variations_per_image"] == 3
+    await screenshot(page, "lanes.png", tmp_path)
+
+
+async def test_a_refused_quote_shows_the_reason_and_the_queue_shows_lanes(
+    page: Page, stack: Stack, tmp_path: Path
+) -> None:
+    refs = []
+    for seed in range(4):  # gemini-2.5-flash-image takes at most 3
+        path = tmp_path / f"many{seed}.png"
+        path.write_bytes(png_bytes(32, 32, seed=70 + seed))
+        refs.append(str(path))
+    await page.goto("/")
+    await page.fill("#prompts", "a red kite")
+    await page.fill("#batch", "2")
+    await expect(page.locator(".lane[data-lane=realtime] .lane-total")).to_have_text(re.compile(r"^\$\d"))
+    await page.set_input_files("#references", refs)
+    await expect(page.locator("#quote-message")).to_contain_text("Too many reference images: 4")
+    await expect(page.locator("#quote-message")).to_have_class("error")
+    await expect(page.locator(".lane[data-lane=realtime] .lane-total")).to_have_text("")
+
+    await page.set_input_files("#references", refs[:1])
+    await expect(page.locator(".lane[data-lane=realtime] .lane-total")).to_have_text(re.compile(r"^\$\d"))
+    await page.fill("#new-group", "lanes")
+    await page.click("button[type=submit]")
+    await expect(page.locator("#semi-message")).to_have_text("1 job submitted.")
+    row = page.locator("#queue tbody tr").first
+    await expect(row.locator(".lane-cell")).to_have_text("realtime")
+    await expect(row.locator(".status")).to_have_text("completed", timeout=60_000)
+    await expect(row.locator(".cost-cell")).to_have_text(re.compile(r"^\$\d"))
+    async with client(stack, KEY) as api:
+        view = (await api.get(f"/api/jobs/{await row.get_attribute('data-job')}/status")).json()
+    assert view["cost"]["lane"] == "realtime" and view["cost"]["total_usd"] > 0
+
+
+async def test_only_the_latest_quote_is_shown(page: Page) -> None:
+    """Quotes are asked as the form changes; an older answer that lands after a newer one must
+    not overwrite it (the page would show the price of what the form no longer holds)."""
+    await page.goto("/")
+    shown = await page.evaluate(
+        """async () => {
+            const releases = {};
+            const quote = latestOnly((n) => new Promise((release) => { releases[n] = () => release(n); }));
+            const shown = [];
+            const ask = (n) => quote(n).then((answer) => { if (answer) shown.push(answer.value); });
+            const first = ask(1), second = ask(2);
+            releases[2](); await second;
+            releases[1](); await first;
+            const third = ask(3);
+            quote.cancel();  // the form became incomplete: nothing in flight may show
+            releases[3](); await third;
+            return shown;
+        }"""
+    )
+    assert shown == [2]
+
+
+async def test_the_budget_is_shown_and_a_job_over_it_is_refused_with_its_figures(
+    browser: Browser, stack: Stack
+) -> None:
+    context = await browser.new_context(base_url=stack.gateway_url)
+    await context.add_init_script(f"localStorage.setItem('bunch.apiKey', '{POOR_KEY}')")
+    page = await context.new_page()
+    await page.goto("/")
+    await page.fill("#prompts", "a costly comet")
+    await page.fill("#batch", "3")
+    budget = page.locator("#budget")
+    await expect(budget).to_contain_text("Budget: $0.00010 of $0.00010 left this month (spent $0.00); resets at ")
+    await expect(budget).to_contain_text("Over budget: ")
+    await expect(budget).to_have_class("error")
+    await page.click("button[type=submit]")
+    message = page.locator("#semi-message")
+    await expect(message).to_have_class("error")
+    await expect(message).to_contain_text("budget")
+    await expect(message).to_contain_text("spent $0.00 of $0.00010 this month, $0.00010 left; the budget resets at ")
+    await expect(message).to_contain_text(re.compile(r"This job: \$\d+\.\d+;"))
+    async with client(stack, POOR_KEY) as api:
+        assert (await api.get("/api/jobs")).json()["jobs"] == []
+    await context.close()

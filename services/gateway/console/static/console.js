@@ -8,7 +8,16 @@ const $ = (selector, root = document) => root.querySelector(selector);
 function apiKey() { return localStorage.getItem(KEY_STORAGE) || ""; }
 
 class ApiError extends Error {
-  constructor(status, detail) { super(detail); this.status = status; }
+  // `body` is the whole error answer: a 402 (over the project's budget) carries the figures too.
+  constructor(status, detail, body = null) {
+    super(status === 402 && body && body.limit_usd !== undefined ? overBudgetText(detail, body) : detail);
+    this.status = status; this.body = body;
+  }
+}
+
+function overBudgetText(detail, b) {
+  return `${detail}\nThis job: ${usd(b.quote_usd)}; spent ${usd(b.spent_usd)} of ${usd(b.limit_usd)} this ${b.period}, ` +
+    `${usd(b.remaining_usd)} left; the budget resets ${moment(b.resets_at)}.`;
 }
 
 async function api(path, { method = "GET", json, body } = {}) {
@@ -18,7 +27,7 @@ async function api(path, { method = "GET", json, body } = {}) {
   if (response.status === 204) return null;
   const text = await response.text();
   const data = text ? JSON.parse(text) : null;
-  if (!response.ok) throw new ApiError(response.status, (data && data.detail) || `HTTP ${response.status}`);
+  if (!response.ok) throw new ApiError(response.status, (data && data.detail) || `HTTP ${response.status}`, data);
   return data;
 }
 
@@ -33,7 +42,7 @@ function upload(path, formData, onProgress) {
       let data = null;
       try { data = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
       if (xhr.status >= 200 && xhr.status < 300) resolve(data);
-      else reject(new ApiError(xhr.status, (data && data.detail) || `HTTP ${xhr.status}`));
+      else reject(new ApiError(xhr.status, (data && data.detail) || `HTTP ${xhr.status}`, data));
     };
     xhr.onerror = () => reject(new ApiError(0, "The server could not be reached."));
     xhr.send(formData);
@@ -58,6 +67,30 @@ function coalesced(task) {
     else inFlight = loop();
     return inFlight;
   };
+}
+
+// Of several calls, only the answer to the latest counts: an older one that lands later (a slow quote
+// for what the form held a moment ago) resolves to null instead of overwriting the newer one.
+// `cancel()` makes every call in flight stale (the form became incomplete meanwhile).
+function latestOnly(task) {
+  let latest = 0;
+  const call = async (...args) => {
+    const mine = ++latest;
+    try {
+      const value = await task(...args);
+      return mine === latest ? { value } : null;
+    } catch (err) {
+      if (mine !== latest) return null;
+      throw err;
+    }
+  };
+  call.cancel = () => { latest++; };
+  return call;
+}
+
+function debounced(task, ms) {
+  let timer = null;
+  return () => { clearTimeout(timer); timer = setTimeout(task, ms); };
 }
 
 // Server-Sent Events over fetch (EventSource cannot send the Authorization header).
@@ -127,7 +160,31 @@ function progressBar(progress) {
 function eta(seconds) {
   if (seconds === null || seconds === undefined) return "";
   if (seconds < 90) return `${Math.round(seconds)} s`;
-  return `${Math.round(seconds / 60)} min`;
+  if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
+  return `${(seconds / 3600).toFixed(1)} h`;
+}
+
+// Dollars: cents from a dime up, two significant digits below (an image costs a few cents).
+function usd(value) {
+  if (value === null || value === undefined) return "–";
+  const size = Math.abs(value);
+  if (size === 0 || size >= 0.1) return `$${value.toFixed(2)}`;
+  return `$${value.toFixed(Math.min(6, 1 - Math.floor(Math.log10(size))))}`;
+}
+
+function moment(iso) { return iso ? `at ${new Date(iso).toLocaleString()}` : "later"; }
+
+// A job's lane: the field, else its cost's (older gateways had neither: every job was realtime).
+function laneOf(job) { return job.lane || (job.cost && job.cost.lane) || "realtime"; }
+
+function costText(cost) {
+  return cost ? usd(cost.total_usd) : "";
+}
+
+function costTitle(cost) {
+  if (!cost) return undefined;
+  return `Gemini ${usd(cost.gemini_usd)} (${cost.prompt_tokens} prompt + ${cost.output_tokens} output tokens), ` +
+    `RunPod ${usd(cost.runpod_usd)} (${Math.round(cost.runpod_seconds)} s)`;
 }
 
 function showError(target, err) { target.textContent = err.message; target.className = "error"; }
@@ -177,39 +234,148 @@ async function showResults(jobId, container, { selectable = false } = {}) {
   return first;
 }
 
+// --- the lane choice of a job form: each lane's price and wait, from POST /api/jobs/quote ---
+
+function chosenLane(form) { return $("input[name=lane]:checked", form).value; }
+
+function waitText(name, lane) {
+  const known = (seconds) => seconds !== null && seconds !== undefined;
+  if (name === "batch") {
+    // A batch's wait and duration are both its expected turnaround: results come all at once.
+    const turnaround = known(lane.expected_duration_seconds) ? lane.expected_duration_seconds : lane.expected_wait_seconds;
+    return known(turnaround) ? `results in ~${eta(turnaround)}, at most 24 h` : "results within 24 h";
+  }
+  const parts = [];
+  if (known(lane.expected_wait_seconds)) parts.push(`starts in ~${eta(lane.expected_wait_seconds)}`);
+  if (known(lane.expected_duration_seconds)) parts.push(`takes ~${eta(lane.expected_duration_seconds)}`);
+  return parts.join(", ");
+}
+
+// `bodyOf()` is the POST /api/jobs body the form holds now (lane included), null while the form is
+// incomplete (nothing is asked then), or throws what keeps it from being complete (a failed upload).
+// The quote is asked 300 ms after the last change, and only the latest answer is shown. `copies()`
+// is how many such jobs one submit makes.
+function laneQuotes(form, bodyOf, { copies = () => 1 } = {}) {
+  const message = $("#quote-message"), budget = $("#budget"), cards = [...form.querySelectorAll(".lane")];
+  for (const card of cards) card.dataset.about = $(".lane-wait", card).textContent;
+  const quote = latestOnly((body) => api("/api/jobs/quote", { method: "POST", json: body }));
+
+  function clear() {
+    for (const card of cards) {
+      $(".lane-total", card).textContent = ""; $(".lane-parts", card).textContent = "";
+      $(".lane-wait", card).textContent = card.dataset.about;
+    }
+    budget.hidden = true;
+  }
+
+  function show(q) {
+    for (const card of cards) {
+      const lane = q.lanes[card.dataset.lane];
+      if (!lane) continue;
+      $(".lane-total", card).textContent = usd(lane.total_usd);
+      $(".lane-parts", card).textContent = `Gemini ${usd(lane.gemini_usd)} · RunPod ${usd(lane.runpod_usd)} ` +
+        `(${Math.round(lane.runpod_worker_seconds)} worker-s) · ${lane.runs} run(s)`;
+      $(".lane-wait", card).textContent = waitText(card.dataset.lane, lane);
+    }
+    const n = copies(), total = q.lanes[q.lane].total_usd * n;
+    message.textContent = `${q.images} image(s) with ${q.model}` + (n > 1 ? `; ${n} jobs: ${usd(total)} on the ${q.lane} lane.` : ".");
+    message.className = "hint";
+    // A submit is refused (402) over the budget; several copies may add up past it.
+    const over = !q.within_budget || (q.budget !== null && total > q.budget.remaining_usd);
+    const lines = [];
+    if (q.budget) {
+      const b = q.budget;
+      lines.push(`Budget: ${usd(b.remaining_usd)} of ${usd(b.limit_usd)} left this ${b.period} (spent ${usd(b.spent_usd)}); resets ${moment(b.resets_at)}.`);
+    }
+    if (over) lines.push(`Over budget: ${usd(total)} on the ${q.lane} lane would be refused.`);
+    budget.textContent = lines.join(" ");
+    budget.className = over ? "error" : "hint";
+    budget.hidden = !lines.length;
+  }
+
+  async function update() {
+    let body;
+    try {
+      body = bodyOf();
+    } catch (err) {
+      quote.cancel(); clear(); showError(message, err); return;
+    }
+    if (!body) { quote.cancel(); clear(); message.textContent = "Prices show once the form is complete."; message.className = "hint"; return; }
+    try {
+      const answer = await quote(body);
+      if (answer) show(answer.value);
+    } catch (err) {
+      clear(); showError(message, err);
+    }
+  }
+
+  const later = debounced(update, 300);
+  form.addEventListener("input", later);
+  form.addEventListener("change", later);
+  later();
+  return { refresh: later };
+}
+
+// Files are uploaded as soon as they are chosen (the quote needs their ids: their tokens count).
+// `state` holds the latest choice: `pending` its upload, then `value` or `error`; an older upload
+// that ends later is ignored.
+function uploadOnChoice(inputs, send, onDone) {
+  const state = { pending: null, value: null, error: null };
+  const start = () => {
+    const files = inputs.flatMap((input) => [...input.files]);
+    state.value = null; state.error = null;
+    const mine = state.pending = files.length ? send(files) : null;
+    if (!mine) { onDone(); return; }
+    mine.then((value) => { if (state.pending === mine) { state.value = value; onDone(); } },
+      (err) => { if (state.pending === mine) { state.error = err; onDone(); } });
+  };
+  for (const input of inputs) input.addEventListener("change", start);
+  return state;
+}
+
 // --- semi-automatic page: submit jobs, and the live queue ---
+
+function semiBody(form, referenceIds) {
+  const prompts = $("#prompts").value.split("\n").map((p) => p.trim()).filter(Boolean);
+  if (!form.checkValidity() || !prompts.length) return null;
+  return {
+    mode: "semi_auto", group: $("#new-group").value.trim() || $("#group-select").value || "default", prompts,
+    reference_ids: referenceIds, images_per_prompt: Number($("#batch").value), priority: Number($("#priority").value),
+    lane: chosenLane(form),
+  };
+}
 
 async function semiAutoPage() {
   const form = $("#semi-form"), message = $("#semi-message");
   await loadGroups($("#group-select"));
+  const refs = uploadOnChoice([$("#references")], async (files) => {
+    const data = new FormData();
+    for (const file of files) data.append("files", file);
+    return (await upload("/api/uploads", data, () => {})).uploads.map((u) => u.id);
+  }, () => quotes.refresh());
+  const referenceIds = () => (refs.pending ? refs.value : []);
+  const copies = () => Number($("#copies").value) || 1;
+  const quotes = laneQuotes(form, () => {
+    if (refs.error) throw refs.error;
+    const ids = referenceIds();
+    return ids ? semiBody(form, ids) : null;
+  }, { copies });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const button = $("button[type=submit]", form);
     button.disabled = true;
     try {
-      const prompts = $("#prompts").value.split("\n").map((p) => p.trim()).filter(Boolean);
-      const group = $("#new-group").value.trim() || $("#group-select").value || "default";
-      const files = $("#references").files;
-      let referenceIds = [];
-      if (files.length) {
-        const data = new FormData();
-        for (const file of files) data.append("files", file);
-        const uploaded = await upload("/api/uploads", data, () => {});
-        referenceIds = uploaded.uploads.map((u) => u.id);
-      }
-      const copies = Number($("#copies").value) || 1;
-      for (let n = 0; n < copies; n++) {
-        await api("/api/jobs", { method: "POST", json: {
-          mode: "semi_auto", group, prompts, reference_ids: referenceIds,
-          images_per_prompt: Number($("#batch").value), priority: Number($("#priority").value),
-        } });
-      }
-      showNotice(message, `${copies} job${copies > 1 ? "s" : ""} submitted.`);
+      const body = semiBody(form, refs.pending ? await refs.pending : []);
+      if (!body) throw new Error("Enter at least one prompt.");
+      const n = copies();
+      for (let k = 0; k < n; k++) await api("/api/jobs", { method: "POST", json: body });
+      showNotice(message, `${n} ${body.lane === "batch" ? "batch " : ""}job${n > 1 ? "s" : ""} submitted.`);
       await refreshQueue();
     } catch (err) {
       showError(message, err);
     } finally {
       button.disabled = false;
+      quotes.refresh();  // the budget has less left
     }
   });
   $("#batch").addEventListener("input", () => {
@@ -250,10 +416,12 @@ function fillRow(row, job) {
   row.replaceChildren(
     el("td", {}, el("code", {}, job.id.slice(0, 8))),
     el("td", {}, el("span", { class: `status ${job.status}` }, job.status)),
+    el("td", { class: "lane-cell" }, laneOf(job)),
     el("td", {}, job.group),
     el("td", {}, `${p.images_total}`),
     el("td", {}, progressBar(p), el("span", { class: "hint" }, `${p.images_succeeded + p.images_failed}/${p.images_total} · runs ${p.runs_done}/${p.runs_total}`)),
     el("td", {}, eta(job.eta_seconds)),
+    el("td", { class: "cost-cell", title: costTitle(job.cost) }, costText(job.cost)),
     el("td", {}, actions),
   );
 }
@@ -271,7 +439,8 @@ async function control(jobId, action) {
 async function showJob(jobId) {
   const panel = $("#job-panel"), results = await showResults(jobId, $("#job-thumbs"), { selectable: true });
   panel.hidden = false;
-  $("#job-title").textContent = `Job ${jobId.slice(0, 8)} — ${results.status}`;
+  const cost = results.cost ? `, cost ${costText(results.cost)}` : "";
+  $("#job-title").textContent = `Job ${jobId.slice(0, 8)} — ${results.status} (${laneOf(results)} lane${cost})`;
   $("#redo").onclick = async () => {
     const indices = [...document.querySelectorAll(".redo-pick:checked")].map((box) => Number(box.value));
     if (!indices.length) { showError($("#job-message"), new Error("Pick the images to redo first.")); return; }
@@ -294,32 +463,49 @@ async function loadGroups(select) {
 
 // --- automatic page: a dataset, a base prompt, live progress and thumbnails ---
 
+function autoBody(form, datasetId) {
+  if (!form.checkValidity() || !$("#base-prompt").value.trim()) return null;
+  return {
+    mode: "automatic", group: $("#auto-group").value.trim() || "default", base_prompt: $("#base-prompt").value,
+    dataset_id: datasetId, variations_per_image: Number($("#variations").value), lane: chosenLane(form),
+  };
+}
+
 async function automaticPage() {
   const form = $("#auto-form"), message = $("#auto-message");
+  const dataset = uploadOnChoice([$("#dataset"), $("#dataset-folder")], async (files) => {
+    const data = new FormData();
+    for (const file of files) data.append("files", file, file.webkitRelativePath || file.name);
+    const bar = $("#upload-bar > span");
+    bar.style.width = "0%";
+    $("#rejected").textContent = "";
+    const uploaded = await upload("/api/datasets", data, (share) => { bar.style.width = `${Math.round(share * 100)}%`; });
+    const rejected = uploaded.rejected.map((r) => `${r.name}: ${r.reason}`).join("\n");
+    $("#rejected").textContent = rejected ? `Rejected:\n${rejected}` : "";
+    return uploaded;
+  }, () => quotes.refresh());
+  const quotes = laneQuotes(form, () => {
+    if (dataset.error) throw dataset.error;
+    return dataset.value ? autoBody(form, dataset.value.id) : null;
+  });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const button = $("button[type=submit]", form);
     button.disabled = true;
     message.textContent = "";
     try {
-      const files = [...$("#dataset").files, ...$("#dataset-folder").files];
-      if (!files.length) throw new Error("Choose a ZIP of images or a folder of image files.");
-      const data = new FormData();
-      for (const file of files) data.append("files", file, file.webkitRelativePath || file.name);
-      const bar = $("#upload-bar > span");
-      const dataset = await upload("/api/datasets", data, (share) => { bar.style.width = `${Math.round(share * 100)}%`; });
-      const rejected = dataset.rejected.map((r) => `${r.name}: ${r.reason}`).join("\n");
-      $("#rejected").textContent = rejected ? `Rejected:\n${rejected}` : "";
-      const job = await api("/api/jobs", { method: "POST", json: {
-        mode: "automatic", group: $("#auto-group").value.trim() || "default", base_prompt: $("#base-prompt").value,
-        dataset_id: dataset.id, variations_per_image: Number($("#variations").value),
-      } });
-      showNotice(message, `${dataset.count} image(s) accepted; job ${job.id.slice(0, 8)} started.`);
+      if (!dataset.pending) throw new Error("Choose a ZIP of images or a folder of image files.");
+      const uploaded = await dataset.pending;
+      const body = autoBody(form, uploaded.id);
+      if (!body) throw new Error("Enter a base prompt.");
+      const job = await api("/api/jobs", { method: "POST", json: body });
+      showNotice(message, `${uploaded.count} image(s) accepted; ${body.lane} job ${job.id.slice(0, 8)} started.`);
       watchJob(job.id);
     } catch (err) {
       showError(message, err);
     } finally {
       button.disabled = false;
+      quotes.refresh();
     }
   });
 }
@@ -336,7 +522,9 @@ function watchJob(jobId) {
     $("#job-counts").append(
       el("span", {}, "done ", el("b", {}, `${p.images_succeeded}`)), el("span", {}, "failed ", el("b", {}, `${p.images_failed}`)),
       el("span", {}, "total ", el("b", {}, `${p.images_total}`)), el("span", {}, "runs ", el("b", {}, `${p.runs_done}/${p.runs_total}`)),
-      el("span", {}, "ETA ", el("b", {}, eta(status.eta_seconds) || "–")));
+      el("span", {}, "ETA ", el("b", {}, eta(status.eta_seconds) || "–")),
+      el("span", {}, "lane ", el("b", {}, laneOf(status))),
+      el("span", { title: costTitle(status.cost) }, "cost ", el("b", {}, costText(status.cost) || "–")));
     const download = $("#download");
     download.disabled = !status.zip.ready;
     download.onclick = () => { location.href = status.zip.url; };
