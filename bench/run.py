@@ -12,7 +12,18 @@ import time
 
 from bench.common import RESULTS
 
-BENCHMARKS = ["dispatch", "packaging", "gateway", "scale", "e2e", "tenants", "memory", "redis_wait", "worker_seconds"]
+BENCHMARKS = [
+    "dispatch",
+    "packaging",
+    "gateway",
+    "scale",
+    "e2e",
+    "tenants",
+    "memory",
+    "redis_wait",
+    "worker_seconds",
+    "lanes",
+]
 QUICK = {
     "dispatch": ["--runs", "400", "--jobs", "4"],
     "packaging": ["--size-mb", "100", "--small-mb", "40", "--large-mb", "120", "--reps", "1"],
@@ -23,6 +34,7 @@ QUICK = {
     "memory": ["--quick"],
     "redis_wait": ["--runs", "400", "--rounds", "2", "--stall-seconds", "2"],
     "worker_seconds": ["--images", "64", "--latency-ms", "500", "--jitter-ms", "1000"],
+    "lanes": ["--inputs", "20", "--variations", "2", "--batch-seconds", "2"],
 }
 
 
