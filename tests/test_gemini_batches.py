@@ -11,21 +11,19 @@ import os
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from google import genai
 from google.genai import errors, types
 from PIL import Image
 
 from deploy.emulators import gemini as emulator
 from deploy.emulators.gemini import catalog
-from deploy.processes import free_port
+from tests.test_gemini_emulator import png_bytes, serve
 
 MODEL = "gemini-2.5-flash-image"
 KEY = "batch-key"
@@ -71,24 +69,6 @@ async def raw(url: str, method: str, path: str, *, key: str | None = KEY, **kwar
     headers = {"x-goog-api-key": key} if key is not None else {}
     async with aiohttp.ClientSession() as http, http.request(method, url + path, headers=headers, **kwargs) as resp:
         return resp.status, await resp.json()
-
-
-@asynccontextmanager
-async def serve(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
-def png_bytes(size: tuple[int, int] = (32, 32), color: str = "red") -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", size, color).save(out, format="PNG")
-    return out.getvalue()
 
 
 def png_size(data: bytes) -> tuple[int, int]:

@@ -4,8 +4,10 @@ and every request names them by URI, so a reference used by a thousand requests 
 instead of a thousand times (the realtime lane sends it with every call).
 
 Wire forms: inline requests as google-genai's InlinedRequest (contents, config, metadata), JSONL
-lines as the Batch API guide gives them, `{"key": ..., "request": GenerateContentRequest}` in the
-REST API's JSON (camelCase), references as `fileData {fileUri, mimeType}` parts.
+lines as the Batch API guide gives them, `{"key": ..., "request": GenerateContentRequest}`,
+references as `file_data {file_uri, mime_type}` parts. One spelling for both: the JSONL request is
+proto3 JSON, whose parsers accept the fields' original snake_case names as well as lowerCamelCase
+(protobuf.dev, "ProtoJSON Format": "Parsers accept both").
 """
 
 import asyncio
@@ -116,15 +118,15 @@ class BatchInputs:
         slots: Sequence[tuple[int, planning.Slot]],
         files: dict[str, ReferenceFile],
     ) -> str:
-        generation = _rest_config(config)
+        generation = _config(config)
         with tempfile.TemporaryDirectory(prefix="bunch-batch-") as folder:
             path = Path(folder) / "requests.jsonl"
 
             def write() -> None:
                 with path.open("w", encoding="utf-8") as out:
                     for index, slot in slots:
-                        parts = _rest_parts(slot.prompt, [files[r] for r in slot.reference_ids])
-                        request = {"contents": [{"role": "user", "parts": parts}], "generationConfig": generation}
+                        parts = _parts(slot.prompt, [files[r] for r in slot.reference_ids])
+                        request = {"contents": [{"role": "user", "parts": parts}], "generation_config": generation}
                         out.write(json.dumps({"key": str(index), "request": request}) + "\n")
 
             await asyncio.to_thread(write)
@@ -137,10 +139,6 @@ def _parts(prompt: str, references: Sequence[ReferenceFile]) -> list[dict[str, A
     return [{"text": prompt}] + [{"file_data": {"file_uri": f.uri, "mime_type": f.mime_type}} for f in references]
 
 
-def _rest_parts(prompt: str, references: Sequence[ReferenceFile]) -> list[dict[str, Any]]:
-    return [{"text": prompt}] + [{"fileData": {"fileUri": f.uri, "mimeType": f.mime_type}} for f in references]
-
-
 def _config(config: JobConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"response_modalities": ["IMAGE"]}
     image: dict[str, str] = {}
@@ -150,16 +148,4 @@ def _config(config: JobConfig) -> dict[str, Any]:
         image["image_size"] = config.params.image_size
     if image:
         result["image_config"] = image
-    return result
-
-
-def _rest_config(config: JobConfig) -> dict[str, Any]:
-    result: dict[str, Any] = {"responseModalities": ["IMAGE"]}
-    image: dict[str, str] = {}
-    if config.params.aspect_ratio:
-        image["aspectRatio"] = config.params.aspect_ratio
-    if config.params.image_size:
-        image["imageSize"] = config.params.image_size
-    if image:
-        result["imageConfig"] = image
     return result
