@@ -134,6 +134,23 @@ async def test_the_request_gate_holds_rate_and_concurrency() -> None:
     assert started[-1] - started[0] >= 1.0
 
 
+async def test_the_request_gate_counts_a_slow_request_from_its_answer() -> None:
+    """A request slowed on its way reaches RunPod late; RunPod's window counts it from then. The gate
+    must too, or the next window's requests meet a 429 (seen under load: 2 of 130 bulk cancels)."""
+    gate = RequestGate(per_window=2, concurrency=2, window_seconds=0.5)
+    arrived: list[float] = []
+
+    async def call(delay: float) -> None:
+        async with gate.slot():
+            await asyncio.sleep(delay)  # on its way
+            arrived.append(time.monotonic())  # RunPod sees it now
+            await asyncio.sleep(0.005)
+
+    await asyncio.gather(call(0.3), call(0.0), *(call(0.0) for _ in range(4)))
+    arrived.sort()
+    assert all(sum(1 for t in arrived if first <= t < first + 0.5) <= 2 for first in arrived), arrived
+
+
 @pytest.mark.parametrize(
     ("env", "says"),
     [

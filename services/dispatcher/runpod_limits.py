@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 WINDOW_SECONDS = 10.0
+IN_FLIGHT_WAIT_SECONDS = 0.05
 # operation -> (requests per 10 s, requests at once), RunPod's published figures.
 RUNPOD_LIMITS: dict[str, tuple[int, int]] = {
     "run": (1000, 200),
@@ -26,7 +27,12 @@ class RequestGate:
     def __init__(self, per_window: int, concurrency: int, window_seconds: float = WINDOW_SECONDS) -> None:
         self.per_window = max(1, per_window)
         self.window = window_seconds
-        self._sent: deque[float] = deque()  # monotonic start times within the last window
+        # Monotonic times the answers came, within the last window: RunPod saw each request no later
+        # than that, so this window never holds fewer than RunPod's. (Counted from when they were
+        # sent, a request slowed on its way, by load or the network, lands in RunPod's next window
+        # and not in ours: a 429.) Appended as answers come, so in order.
+        self._answered: deque[float] = deque()
+        self._in_flight = 0  # sent, not answered: each counts in every window until it is
         self._lock = asyncio.Lock()  # waiters go first come, first served
         self._slots = asyncio.Semaphore(max(1, concurrency))
 
@@ -34,18 +40,24 @@ class RequestGate:
     async def slot(self) -> AsyncIterator[None]:
         async with self._slots:
             await self._take_turn()
-            yield
+            try:
+                yield
+            finally:
+                self._in_flight -= 1
+                self._answered.append(time.monotonic())
 
     async def _take_turn(self) -> None:
         async with self._lock:
             while True:
                 now = time.monotonic()
-                while self._sent and self._sent[0] <= now - self.window:
-                    self._sent.popleft()
-                if len(self._sent) < self.per_window:
-                    self._sent.append(now)
+                while self._answered and self._answered[0] <= now - self.window:
+                    self._answered.popleft()
+                if len(self._answered) + self._in_flight < self.per_window:
+                    self._in_flight += 1
                     return
-                await asyncio.sleep(self._sent[0] + self.window - now)
+                # Every place taken by requests in flight: one of them answers soon.
+                wait = self._answered[0] + self.window - now if self._answered else IN_FLIGHT_WAIT_SECONDS
+                await asyncio.sleep(max(wait, 0.001))
 
 
 def gates(share: float) -> dict[str, RequestGate]:
