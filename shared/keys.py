@@ -54,6 +54,8 @@ BATCH_READY = f"{PREFIX}:batch:ready"  # zset project -> last served: projects w
 BATCH_IN_FLIGHT = f"{PREFIX}:batch:in-flight"  # zset run_id -> when a dispatcher looks at it next
 BATCH_RETRY_QUEUE = f"{PREFIX}:batch:retries"  # zset run_id -> time it may be submitted again
 BATCH_SECONDS = f"{PREFIX}:stats:batch-seconds"  # hash: moving average of batch turnaround (quotes, ETAs)
+# String "on" or "off": whether the dispatchers have a Gemini key for the batch lane (set as each starts).
+BATCH_LANE_STATE = f"{PREFIX}:batch:lane"
 
 # Costs and budgets (shared/pricing.py, shared/budgets.py, shared/lua/include/budgets.lua).
 BUDGETS = f"{PREFIX}:budgets"  # hash project -> "<limit micro-USD> <day|month>", from BUNCH_PROJECT_BUDGETS

@@ -309,3 +309,28 @@ async def test_realtime_jobs_keep_their_pace_while_batches_are_in_flight(stack: 
     assert stats["batch"]["batches_in_flight"] == 2 and stats["batch"]["images_in_flight"] == 500
     assert stats["dispatcher"]["active_runs"] == 0  # the batches hold no RunPod slot
     assert (await api.post(f"/api/jobs/{batch_job}/cancel")).status_code == 200
+
+
+async def test_without_a_gemini_key_the_batch_lane_is_refused_at_submit(
+    stack: Stack, api: httpx.AsyncClient, redis: Redis
+) -> None:
+    """A dispatcher without BUNCH_GEMINI_API_KEY starts (the realtime lane needs none) and says the
+    batch lane is off; the gateway then refuses batch-lane jobs with the reason instead of queueing
+    work nothing will run."""
+    keyless = stack.start_service("dispatcher", 7, extra_env={"BUNCH_GEMINI_API_KEY": ""})
+    try:
+
+        async def said_off() -> bool:
+            return await redis.get(keys.BATCH_LANE_STATE) == "off"
+
+        await wait_for(said_off, 30, "the keyless dispatcher to say the batch lane is off")
+        before = await redis.zcard(keys.project_jobs("batch"))
+        body = {"mode": "semi_auto", "prompts": ["a kite"], "images_per_prompt": 1}
+        refused = await api.post("/api/jobs", json={**body, "lane": "batch"})
+        assert refused.status_code == 422 and "batch lane is off" in refused.json()["detail"], refused.text
+        assert await redis.zcard(keys.project_jobs("batch")) == before  # nothing stored
+        final = await wait_final(api, await submit(api, body), stack, within=60)
+        assert final["status"] == "completed"  # the realtime lane needs no Gemini key of the dispatcher's
+    finally:
+        keyless.kill()
+        await redis.set(keys.BATCH_LANE_STATE, "on")  # as dispatcher-0 said when it started

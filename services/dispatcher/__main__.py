@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -30,6 +31,8 @@ from shared.stores.jobs import JobStore
 from shared.stores.runs import RunStore
 from shared.stores.upstream import UpstreamStore
 from shared.streams import StreamConsumer, consumer_name
+
+log = logging.getLogger("dispatcher")
 
 
 async def main(settings: Settings) -> None:
@@ -60,14 +63,20 @@ async def main(settings: Settings) -> None:
         upstream = UpstreamStore(redis)
         dispatcher = Dispatcher(runs, configs, storage, runpod, settings, wakeup, upstream)
         results = ResultHandler(runs, configs, settings, dispatcher.complete, storage, upstream)
-        gemini = GeminiBatches(client_for(settings), settings.gemini_model)
-        batch_lane = BatchLane(BatchStore(redis, settings), runs, configs, gemini, storage, settings)
+        batch_store = BatchStore(redis, settings)
+        batch_lane = None
+        if settings.gemini_api_key.get_secret_value():
+            gemini = GeminiBatches(client_for(settings), settings.gemini_model)
+            batch_lane = BatchLane(batch_store, runs, configs, gemini, storage, settings)
+        else:
+            log.warning("the batch lane is off: no BUNCH_GEMINI_API_KEY; the gateway refuses batch-lane jobs")
+        await batch_store.announce(batch_lane is not None)
 
         async def handle_control(fields: dict[str, str]) -> None:
-            if fields.get("action") == "cancel_batches":
-                await batch_lane.cancel_batches(json.loads(fields.get("names") or "[]"))
-            else:
+            if fields.get("action") != "cancel_batches":
                 await dispatcher.handle_control(fields)
+            elif batch_lane is not None:
+                await batch_lane.cancel_batches(json.loads(fields.get("names") or "[]"))
 
         async def record_result(fields: dict[str, str]) -> None:
             await results(fields)
@@ -107,9 +116,10 @@ async def main(settings: Settings) -> None:
             dispatcher.run,
             poller.run,
             health.run,
-            batch_lane.run,
             BudgetResumer(budgets).run,
         ]
+        if batch_lane is not None:
+            tasks.append(batch_lane.run)
         await run_until_signalled(tasks)
         if exporter is not None:
             await exporter.cleanup()

@@ -17,6 +17,7 @@ from shared.ids import is_id
 from shared.models import AutomaticJobRequest, SemiAutoJobRequest
 from shared.planning import JobConfig
 from shared.settings import Settings
+from shared.stores.batches import lane_is_off
 from shared.webhook_safety import webhook_url_problem
 
 SHOWN = 10  # ids named in one message
@@ -39,6 +40,11 @@ async def check(services: Services, project: str, config: JobConfig, model: Gemi
     """Everything a submit checks before storing, reading only: Invalid if anything the job names or
     asks for is not allowed. `model`: what Gemini takes, by default the configured model's."""
     model = model or spec_for(services.settings.gemini_model)
+    if config.lane == "batch" and await lane_is_off(services.redis):
+        raise Invalid(
+            'lane "batch": the batch lane is off on this deployment (its dispatchers have no Gemini API key, '
+            'BUNCH_GEMINI_API_KEY); use lane "realtime", or ask the operator to set the key.'
+        )
     if isinstance(config, AutomaticJobRequest) and config.dataset_id:
         inputs = await services.datasets.input_ids(project, config.dataset_id)
         if inputs is None:

@@ -43,10 +43,19 @@ class ReferenceFile:
     expires_at: float
 
 
+async def lane_is_off(redis: Redis) -> bool:
+    """Whether the dispatchers said they cannot run the batch lane (no Gemini key). Unknown (no
+    dispatcher started yet) is not off: the job waits for one."""
+    return await redis.get(keys.BATCH_LANE_STATE) == "off"
+
+
 class BatchStore:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
+
+    async def announce(self, on: bool) -> None:
+        await self.redis.set(keys.BATCH_LANE_STATE, "on" if on else "off")
 
     async def claim(self, now: float, limit: int) -> list[ClaimedRun]:
         s = self.settings
