@@ -10,10 +10,18 @@ from datetime import UTC, datetime
 
 import pytest
 from minio.error import S3Error
+from redis.asyncio import Redis
 
+from services.packager.packaging import Packager
 from services.packager.shutdown import ZipWriters
 from services.packager.zipper import ZipAbandoned, ZipEntry, write_zip
+from shared.archive import JobArchive
+from shared.models import JobStatus
+from shared.settings import Settings
 from shared.storage import Storage
+from shared.stores.jobs import JobStore
+from tests.security.test_forged_results import packaging_job
+from tests.stack_helpers import png_bytes
 
 PART = 5 * 1024 * 1024
 NOW = datetime(2026, 12, 2, tzinfo=UTC)
@@ -90,3 +98,24 @@ def test_listing_uploads_sees_an_unfinished_one(storage: Storage) -> None:
         storage.client._abort_multipart_upload(storage.bucket, key, upload_id)
     with pytest.raises(S3Error):
         storage.client._abort_multipart_upload(storage.bucket, key, upload_id)
+
+
+async def test_a_sigterm_while_a_jobs_records_are_read_waits_for_its_zip(
+    fresh_redis: Redis, settings: Settings, storage: Storage
+) -> None:
+    """The stop comes after the packaging message was taken and before the ZIP's first byte (the
+    job's records being read: long for a large archived job, or under load). The job counts as
+    work under way from its message on, so it is zipped within the grace, not abandoned."""
+    store = JobStore(fresh_redis, settings, JobArchive(storage))
+    job_id, _ = await packaging_job(store, storage, {index: png_bytes(seed=40 + index) for index in range(4)})
+    writers, stop = ZipWriters(), asyncio.Event()
+    wind_down = asyncio.create_task(writers.wind_down(stop, grace_seconds=30))
+    packager = Packager(store, storage, settings, writers)
+
+    handled = asyncio.create_task(packager({"job_id": job_id}))
+    await asyncio.sleep(0)  # the handler has started: it reads the job, no ZIP is under way yet
+    stop.set()
+    await asyncio.wait_for(handled, 30)
+    await asyncio.wait_for(wind_down, 30)
+    job = await store.get(job_id)
+    assert job is not None and job.status == JobStatus.COMPLETED, job

@@ -134,7 +134,10 @@ class DownloadBuilder:
         self.groups = GroupStore(redis)
 
     async def __call__(self, fields: dict[str, str]) -> None:
-        await self.build(fields["download_id"])
+        # Counted from the message on, not from the ZIP's first byte: a SIGTERM while its groups are
+        # read waits for it too (services/packager/shutdown.py).
+        with self.writers.writing():
+            await self.build(fields["download_id"])
 
     async def build(self, download_id: str) -> None:
         record = await self.downloads.find(download_id)

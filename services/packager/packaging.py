@@ -97,7 +97,11 @@ class Packager:
         self.writers = writers or ZipWriters()
 
     async def __call__(self, fields: dict[str, str]) -> None:
-        await self.package(fields["job_id"])
+        # Counted from the message on, not from the ZIP's first byte: a SIGTERM while the job's
+        # records are read (seconds for a large archived job, longer under load) waits for it too,
+        # instead of finding no ZIP under way and abandoning the one about to start.
+        with self.writers.writing():
+            await self.package(fields["job_id"])
 
     async def package(self, job_id: str) -> None:
         job = await self.store.get(job_id)

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 class ZipWriters:
-    """The ZIPs this process is writing, and the signal that makes their writer threads give up."""
+    """The ZIPs this process is writing (from the message that asks for one on), and the signal that
+    makes their writer threads give up."""
 
     def __init__(self) -> None:
         self.active = 0  # changed on the event loop only
