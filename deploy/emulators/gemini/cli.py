@@ -63,22 +63,13 @@ def main(argv: list[str] | None = None, description: str | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--image-mode", choices=IMAGE_MODES, default="small")
     defaults = EmulatorConfig()
-    parser.add_argument(
-        "--batch-pending-seconds", type=float, default=defaults.batch_pending_seconds,
-        help="how long a batch stays PENDING",
-    )  # fmt: skip
-    parser.add_argument(
-        "--batch-running-seconds", type=float, default=defaults.batch_running_seconds,
-        help="how long a batch stays RUNNING at least before its results",
-    )  # fmt: skip
-    parser.add_argument(
-        "--batch-expire-seconds", type=float, default=defaults.batch_expire_seconds,
-        help="a batch not finished this long after its creation expires (default 48 h)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--file-ttl-seconds", type=float, default=defaults.file_ttl_seconds,
-        help="uploaded files are deleted this long after their upload (default 48 h)",
-    )  # fmt: skip
+    for flag, what in (
+        ("batch_pending_seconds", "how long a batch stays PENDING"),
+        ("batch_running_seconds", "how long a batch stays RUNNING at least before its results"),
+        ("batch_expire_seconds", "a batch not finished this long after its creation expires (default 48 h)"),
+        ("file_ttl_seconds", "uploaded files are deleted this long after their upload (default 48 h)"),
+    ):
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=float, default=getattr(defaults, flag), help=what)
     args = parser.parse_args(argv)
     for flag in ("batch_pending_seconds", "batch_running_seconds", "batch_expire_seconds", "file_ttl_seconds"):
         if getattr(args, flag) < 0:

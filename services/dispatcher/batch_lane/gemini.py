@@ -10,8 +10,6 @@ JSONL file (`dest.file_name`) that `files.download(destination=...)` streams to 
 """
 
 import io
-import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +17,6 @@ from google import genai
 from google.genai import errors, types
 
 from shared.settings import Settings
-
-log = logging.getLogger(__name__)
 
 RUNNING_STATES = frozenset({"JOB_STATE_PENDING", "JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_PAUSED"})
 # How far back a look for a batch by its name goes: a batch submitted under a claim is newer than the
@@ -137,13 +133,6 @@ class GeminiBatches:
             await self.client.aio.files.download(file=file_name, destination=destination)
         except Exception as exc:
             raise _failure(exc) from exc
-
-    async def delete_files(self, names: Sequence[str]) -> None:
-        for name in names:
-            try:
-                await self.client.aio.files.delete(name=name)
-            except Exception as exc:  # the file expires in 48 h anyway
-                log.info("could not delete %s on Gemini: %s", name, exc)
 
 
 def state_name(batch: types.BatchJob) -> str:
