@@ -180,6 +180,21 @@ def project_groups(project: str) -> str:
     return f"{PREFIX}:project:{project}:groups"
 
 
+def saved_batch(batch_id: str) -> str:
+    """Hash: id, project, name, mode, lane, rows, columns, images, config (JSON), created_at."""
+    return f"{PREFIX}:saved-batch:{batch_id}"
+
+
+def saved_batch_jobs(batch_id: str) -> str:
+    """Zset of the jobs queued from a saved batch by creation time (the newest few kept)."""
+    return f"{PREFIX}:saved-batch:{batch_id}:jobs"
+
+
+def project_saved_batches(project: str) -> str:
+    """Zset of a project's saved batch ids by creation time."""
+    return f"{PREFIX}:project:{project}:saved-batches"
+
+
 def dataset(dataset_id: str) -> str:
     """Hash: id, project, count, created_at."""
     return f"{PREFIX}:dataset:{dataset_id}"

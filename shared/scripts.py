@@ -87,6 +87,9 @@ KEY_FUNCTIONS: dict[str, Callable[[str], str]] = {
     "project_batch_in_flight": keys.project_batch_in_flight,
     "project_batch_images": keys.project_batch_images,
     "project_spend": keys.project_spend,
+    "saved_batch_key": keys.saved_batch,
+    "saved_batch_jobs": keys.saved_batch_jobs,
+    "project_saved_batches": keys.project_saved_batches,
 }
 KEY_NAMES: dict[str, str] = {
     "RUNNING": keys.RUNNING,
@@ -232,3 +235,5 @@ RESUME_BUDGET_PAUSES = load("resume_budget_pauses")
 CLAIM_BATCH_RUNS = load("claim_batch_runs")
 TAKE_DUE_BATCHES = load("take_due_batches")
 MARK_BATCH = load("mark_batch")
+SAVE_BATCH = load("save_batch")
+DELETE_SAVED_BATCH = load("delete_saved_batch")

@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     # submitted per minute (a burst of a minute's worth, then evenly). Over them: 429, nothing stored.
     project_max_queued_images: int = Field(0, ge=0)
     project_max_jobs_per_minute: int = Field(0, ge=0)
+    # Saved batches (/api/batches) one project may keep at once (0: no limit); more: 409.
+    project_max_saved_batches: int = Field(1000, ge=0)
     # Runs started per minute across all dispatchers (0: unlimited).
     dispatch_rpm: int = Field(0, ge=0)
     # Runs kept waiting in RunPod's own queue beyond the cap, so a freed worker starts the next run

@@ -20,6 +20,7 @@ from shared.stores.groups import GroupStore
 from shared.stores.jobs import JobStore
 from shared.stores.projects import ProjectStore
 from shared.stores.runs import RunStore
+from shared.stores.saved_batches import SavedBatchStore
 from shared.stores.uploads import UploadStore
 
 # Heavy reads (pages of results) one project may have in progress per process: another project's
@@ -42,6 +43,7 @@ class Services:
     uploads: UploadStore
     downloads: DownloadStore
     projects: ProjectStore
+    saved_batches: SavedBatchStore
     heavy_reads: ProjectSlots
 
     @classmethod
@@ -57,6 +59,7 @@ class Services:
             uploads=UploadStore(redis),
             downloads=DownloadStore(redis),
             projects=ProjectStore(redis),
+            saved_batches=SavedBatchStore(redis, settings.project_max_saved_batches),
             heavy_reads=ProjectSlots(HEAVY_READS_PER_PROJECT),
         )
 

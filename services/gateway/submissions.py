@@ -11,13 +11,15 @@ from services.gateway.quotes import check_budget
 from services.gateway.schemas.jobs import JobAccepted, JobLinks
 from services.gateway.schemas.uploads import UploadInfo
 from shared import keys, planning
-from shared.errors import Invalid, MissingKeys
+from shared.errors import Invalid, MissingKeys, NotFound
 from shared.gemini_models import GeminiModel, prompt_bytes, reference_bytes, spec_for
 from shared.ids import is_id
 from shared.models import AutomaticJobRequest, SemiAutoJobRequest
 from shared.planning import JobConfig
 from shared.settings import Settings
 from shared.stores.batches import lane_is_off
+from shared.stores.records import JobRecord
+from shared.stores.saved_batches import SAVED_BATCH_NOT_FOUND
 from shared.webhook_safety import webhook_url_problem
 
 SHOWN = 10  # ids named in one message
@@ -65,12 +67,16 @@ async def submit(
     *,
     model: GeminiModel | None = None,
     budget_checked: bool = False,
+    batch_id: str | None = None,
 ) -> JobAccepted:
     """Queue the job; Invalid (nothing stored) if anything it names or asks for is not allowed,
     OverBudget if it would cost more than the project's budget has left (`budget_checked`: the
-    caller checked it, with other jobs it submits)."""
+    caller checked it, with other jobs it submits). `batch_id`: the saved batch it is queued from,
+    which must still exist when the job is stored (else NotFound, nothing stored)."""
     checked = await check(services, project, config, model)
     config, upload_ids, required = checked.config, checked.upload_ids, checked.required
+    if batch_id is not None:
+        required = [*required, keys.saved_batch(batch_id)]
     if not budget_checked:
         await check_budget(services, project, [config])
     store = services.store
@@ -80,7 +86,15 @@ async def submit(
             # A job may name its group by id; it stores the group's name: look the id up first.
             group_id, group_name = await services.groups.resolve(project, config.group, required=required)
             config = config.model_copy(update={"group": group_name})
-            job = await store.create(project, config, group_id=group_id, retry_of=retry_of, dataset_id=dataset_id)
+            job = await store.create(
+                project,
+                config,
+                group_id=group_id,
+                retry_of=retry_of,
+                required=required,
+                dataset_id=dataset_id,
+                batch_id=batch_id,
+            )
         else:  # a name is the group's name: one call checks, resolves and creates
             job = await store.create(
                 project,
@@ -89,10 +103,23 @@ async def submit(
                 retry_of=retry_of,
                 required=required,
                 dataset_id=dataset_id,
+                batch_id=batch_id,
             )
     except MissingKeys as exc:
+        if batch_id is not None and len(upload_ids) in exc.indices:
+            raise NotFound(SAVED_BATCH_NOT_FOUND) from None
         raise _unknown([upload_ids[i] for i in exc.indices]) from None
     return JobAccepted(id=job.id, status=job.status, links=links(job.id))
+
+
+async def resubmit(
+    services: Services, project: str, job: JobRecord, config: JobConfig | None = None, *, budget_checked: bool = False
+) -> JobAccepted:
+    """A retry of `job`: a job of its own from its config (`config`: already read), queued from the
+    same saved batch while that batch exists, so the batch's latest job is the retry."""
+    config = config or await services.store.config(job.id)
+    batch_id = job.batch_id if job.batch_id and await services.redis.exists(keys.saved_batch(job.batch_id)) else None
+    return await submit(services, project, config, retry_of=job.id, budget_checked=budget_checked, batch_id=batch_id)
 
 
 def links(job_id: str) -> JobLinks:

@@ -3,7 +3,8 @@
 -- number, its hash, the project's and group's indexes and counts, its place in the project's queue
 -- (so the 202 answer's job already has one), and publish the news that wakes idle dispatchers.
 --
--- KEYS: the job's uploads' records (distinct): each must exist (every other key is derived)
+-- KEYS: the job's uploads' records (distinct), then the saved batch it is queued from if any: each
+--       must exist (every other key is derived)
 -- ARGV: [1] job_id, [2] project, [3] created_at, [4] priority, [5] priority_scale, [6] group_id or
 --       '', [7] retry_of or '', [8] the job's fields as a JSON object of strings (one argument:
 --       redis-py packs each argument in Python, and some forty of them cost the gateway more than
@@ -12,7 +13,8 @@
 --       live-images quota (0: none), [13] the project's jobs-per-minute quota (0: none), [14] the
 --       dataset the job's inputs come from, or '' (retention keeps a dataset a job named lately),
 --       [15] the job's lane: 'batch' waits in its project's batch queue (Gemini batches, no RunPod
---       slot), anything else in its project's queue for RunPod runs
+--       slot), anything else in its project's queue for RunPod runs, [16] the saved batch the job
+--       is queued from, or '', [17] how many of a saved batch's newest jobs it keeps listed
 -- Returns: {DONE, sequence number, group id or ''}, {MISSING, {1-based positions in KEYS}},
 --          {OVER_QUOTA, 'images', seconds to retry after, images now}, or
 --          {OVER_QUOTA, 'jobs_per_minute', seconds to retry after}
@@ -45,6 +47,11 @@ end
 redis.call('HSET', job_key(job_id), unpack(fields))
 redis.call('ZADD', project_jobs(project), created_at, job_id)
 if group_id ~= '' then redis.call('ZADD', group_jobs(group_id), created_at, job_id) end
+if ARGV[16] ~= '' then
+  local batch_jobs = saved_batch_jobs(ARGV[16])
+  redis.call('ZADD', batch_jobs, created_at, job_id)
+  redis.call('ZREMRANGEBYRANK', batch_jobs, 0, -tonumber(ARGV[17]) - 1)
+end
 if ARGV[7] ~= '' then
   redis.call('HSET', job_key(ARGV[7]), 'retried_by', job_id)
   redis.call('ZREM', project_failed_jobs(project), ARGV[7])

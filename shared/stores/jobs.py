@@ -32,6 +32,10 @@ from shared.stores.records import (
     present,
 )
 
+# Jobs a saved batch lists (its newest): enough for any history a front-end shows of one batch,
+# and the list never grows with the times the batch is queued again.
+SAVED_BATCH_JOBS_KEPT = 100
+
 _config_adapter: TypeAdapter[JobConfig] = TypeAdapter(JobRequest)
 
 
@@ -56,12 +60,14 @@ class JobStore:
         retry_of: str | None = None,
         required: Sequence[str] = (),
         dataset_id: str | None = None,
+        batch_id: str | None = None,
     ) -> JobRecord:
         """Store a queued job and publish it for the dispatcher, all or nothing, in one script call.
 
         The job goes in group `group_id`, or in the project's group named `group_name` (created if
-        there is none); `dataset_id` names the dataset its inputs come from. With `required`
-        (distinct keys: its uploads), only if they all exist: else
+        there is none); `dataset_id` names the dataset its inputs come from, `batch_id` the saved
+        batch it is queued from (listed among the batch's jobs in the same call; its key must be
+        the last of `required`). With `required` (distinct keys: its uploads), only if they all exist: else
         MissingKeys with their indices, and nothing is written. Over an operator quota: OverQuota
         (Invalid for a job larger than the quota itself); Redis short of memory: Unavailable."""
         record = JobRecord(
@@ -77,6 +83,7 @@ class JobStore:
             created_at=time.time(),
             retry_of=retry_of,
             webhook_url=config.webhook_url,
+            batch_id=batch_id,
         )
         max_live_images = self.settings.project_max_queued_images
         if max_live_images and record.images_total > max_live_images:
@@ -96,7 +103,7 @@ class JobStore:
         values = json.dumps({name: str(value) for name, value in fields.items()}, ensure_ascii=False)
         args += [group_id or "", retry_of or "", values, group_name or "", uuid.uuid4().hex]
         args += [record.images_total, max_live_images, self.settings.project_max_jobs_per_minute, dataset_id or ""]
-        args.append(config.lane)
+        args += [config.lane, batch_id or "", SAVED_BATCH_JOBS_KEPT]
         created = await scripts.CREATE(self.redis, list(required), args)
         if created.answer == Answer.MISSING:
             raise MissingKeys([int(position) - 1 for position in created.values[0]])

@@ -43,6 +43,7 @@ class JobRecord(BaseModel):
     retry_of: str | None = None
     retried_by: str | None = None
     webhook_url: str | None = None
+    batch_id: str | None = None  # the saved batch it was queued from (/api/batches)
     # What its recorded run attempts cost (complete_run.lua adds each one's): tokens Gemini
     # reported, Gemini's price for them and RunPod's execution time and its price, in micro-USD.
     prompt_tokens: int = 0
