@@ -7,6 +7,8 @@ put in the request's scope for the routes (services/gateway/deps.py reads it).
 """
 
 import hashlib
+from collections.abc import Callable
+from typing import Any
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -44,9 +46,16 @@ def authenticate(keys: ApiKeys, authorization: str) -> tuple[str | None, str]:
 class ApiKeyMiddleware:
     """401 for an /api request without a known key, before anything reads its body."""
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys, prefix: str = "/api/") -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: ApiKeys,
+        body_for: Callable[[str, str], dict[str, Any]],
+        prefix: str = "/api/",
+    ) -> None:
         self.app = app
         self.keys = keys
+        self.body_for = body_for  # (path, message) -> the 401's body, in the style of the path
         self.prefix = prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -60,7 +69,8 @@ class ApiKeyMiddleware:
                 break
         project, problem = authenticate(self.keys, authorization)
         if project is None:
-            response = JSONResponse({"detail": problem}, 401, headers=UNAUTHENTICATED_HEADERS)
+            body = self.body_for(scope["path"], problem)
+            response = JSONResponse(body, 401, headers=UNAUTHENTICATED_HEADERS)
             await response(scope, receive, send)
             return
         scope[PROJECT_SCOPE_KEY] = project

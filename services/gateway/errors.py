@@ -6,6 +6,7 @@ that is down (Redis, object storage) is a 503 whatever raised it.
 """
 
 import re
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -61,20 +62,18 @@ def status_of(error: errors.BunchError) -> int:
     return 400
 
 
-async def _refused(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, errors.BunchError)
-    headers = None
-    body: dict[str, Any] = {"detail": exc.message}
-    if isinstance(exc, errors.OverQuota):
-        headers = {"Retry-After": str(exc.retry_after)}
-    elif isinstance(exc, errors.Unauthenticated):
-        headers = UNAUTHENTICATED_HEADERS
-    elif isinstance(exc, errors.OverBudget):
-        body.update(exc.figures)  # the figures a client shows beside the message
-    return JSONResponse(body, status_of(exc), headers=headers)
+@dataclass(frozen=True, slots=True)
+class ErrorAnswer:
+    """An error as the API answers it, before it is put in one style or the other: Bunch's own
+    (`{"detail": ...}`) or the document style of services/gateway/document_style.py."""
+
+    status: int
+    message: str
+    extra: dict[str, Any] = field(default_factory=dict)  # figures a client shows beside the message
+    headers: dict[str, str] | None = None
 
 
-def _readable(exc: RequestValidationError) -> str:
+def readable(exc: RequestValidationError) -> str:
     messages = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body",))
@@ -82,23 +81,39 @@ def _readable(exc: RequestValidationError) -> str:
     return "; ".join(messages) or "Invalid request."
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    errors_by_field = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
-    return JSONResponse({"detail": _readable(exc), "errors": errors_by_field}, status_code=422)
+def error_answer(exc: Exception) -> ErrorAnswer | None:
+    """What the API answers for `exc`; None for an exception that is a bug (a 500)."""
+    if isinstance(exc, errors.BunchError):
+        if isinstance(exc, errors.OverQuota):
+            return ErrorAnswer(status_of(exc), exc.message, headers={"Retry-After": str(exc.retry_after)})
+        if isinstance(exc, errors.Unauthenticated):
+            return ErrorAnswer(status_of(exc), exc.message, headers=UNAUTHENTICATED_HEADERS)
+        if isinstance(exc, errors.OverBudget):
+            return ErrorAnswer(status_of(exc), exc.message, extra=dict(exc.figures))
+        return ErrorAnswer(status_of(exc), exc.message)
+    if isinstance(exc, RequestValidationError):
+        by_field = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+        return ErrorAnswer(422, readable(exc), extra={"errors": by_field})
+    if isinstance(exc, MinioException | urllib3.exceptions.HTTPError | RedisConnectionError | RedisTimeoutError):
+        what = "Object storage" if isinstance(exc, MinioException | urllib3.exceptions.HTTPError) else "Redis"
+        return ErrorAnswer(503, f"{what} is unavailable; nothing was changed. Try again shortly.")
+    if isinstance(exc, StarletteHTTPException):
+        return ErrorAnswer(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}) or None)
+    return None
 
 
-async def _dependency_down(_: Request, exc: Exception) -> JSONResponse:
-    what = "Object storage" if isinstance(exc, MinioException | urllib3.exceptions.HTTPError) else "Redis"
-    return JSONResponse({"detail": f"{what} is unavailable; nothing was changed. Try again shortly."}, 503)
+async def _answered(_: Request, exc: Exception) -> JSONResponse:
+    answer = error_answer(exc)
+    assert answer is not None
+    return JSONResponse({"detail": answer.message, **answer.extra}, answer.status, headers=answer.headers)
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(errors.BunchError, _refused)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    for kind in (errors.BunchError, RequestValidationError, MinioException, urllib3.exceptions.HTTPError):
+        app.add_exception_handler(kind, _answered)
+    for kind in (RedisConnectionError, RedisTimeoutError):
+        app.add_exception_handler(kind, _answered)
     app.add_exception_handler(405, _method_not_allowed)
-    for error in (MinioException, urllib3.exceptions.HTTPError, RedisConnectionError, RedisTimeoutError):
-        app.add_exception_handler(error, _dependency_down)
 
 
 # The router stops at the first route whose path matches, so on its own it would answer

@@ -87,5 +87,45 @@ def problems(*codes: int, described: dict[int, str] | None = None) -> dict[int |
     return {code: {"model": models.get(code, Problem), "description": texts[code]} for code in codes}
 
 
+class DocumentProblem(BaseModel):
+    """Every error answer of the document style (services/gateway/document_style.py): `error` says
+    what went wrong, with the status code the rest of the API gives."""
+
+    success: Literal[False] = False
+    error: str
+
+
+class DocumentValidationProblem(DocumentProblem):
+    """422: `error` sums up every problem; `errors` lists them per field."""
+
+    errors: list[FieldError] = Field(default_factory=list)
+
+
+class DocumentOverBudgetProblem(DocumentProblem):
+    """402 in the document style: the figures of OverBudgetProblem."""
+
+    quote_usd: float
+    spent_usd: float
+    limit_usd: float
+    remaining_usd: float
+    period: Literal["day", "month"]
+    resets_at: datetime
+
+
+def document_problems(*codes: int, described: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """`problems` for the routes that answer errors in the document style."""
+    texts = {**_PROBLEMS, **(described or {})}
+    models: dict[int, type[DocumentProblem]] = {422: DocumentValidationProblem, 402: DocumentOverBudgetProblem}
+    return {code: {"model": models.get(code, DocumentProblem), "description": texts[code]} for code in codes}
+
+
+def either_problems(*codes: int, described: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """`problems` for the routes both styles share: each error in the style it was asked in."""
+    native, document = problems(*codes, described=described), document_problems(*codes, described=described)
+    return {code: {**native[code], "model": native[code]["model"] | document[code]["model"]} for code in native}
+
+
 # What every /api route may answer besides its own success and errors.
 API_PROBLEMS = problems(400, 401, 413, 422, 503)
+DOCUMENT_API_PROBLEMS = document_problems(400, 401, 413, 422, 503)
+EITHER_API_PROBLEMS = either_problems(400, 401, 413, 422, 503)
