@@ -22,6 +22,8 @@ FINAL_JOB_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus
 FINAL_STATUS_VALUES: frozenset[str] = frozenset(status.value for status in FINAL_JOB_STATUSES)
 # Runs of the job may still start (its images count against the project's quota).
 LIVE_JOB_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.PROCESSING})
+# A retry is a new job with the same config: of a job that ended without doing all it was asked.
+RETRYABLE_JOB_STATUSES = frozenset({JobStatus.FAILED, JobStatus.CANCELED})
 
 
 class RunStatus(StrEnum):
@@ -60,7 +62,10 @@ class ImageStatus(StrEnum):
 
 
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000)]
-GroupName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+# Something besides whitespace, as the JSON schema says too (Python's strip also takes \x1c-\x1f).
+GroupName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"[^\s\x1c-\x1f]")
+]
 UploadId = Id
 
 

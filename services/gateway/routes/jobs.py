@@ -22,9 +22,9 @@ from services.gateway.schemas.jobs import (
     PriorityChange,
     RedoRequest,
 )
-from services.gateway.submissions import check, submit
+from services.gateway.submissions import check, resubmit, submit
 from shared.errors import Conflict, Invalid
-from shared.models import FINAL_JOB_STATUSES, JobStatus
+from shared.models import FINAL_JOB_STATUSES, RETRYABLE_JOB_STATUSES, JobStatus
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=API_PROBLEMS)
 
@@ -127,9 +127,9 @@ async def cancel_job(job_id: str, project: ProjectDep, services: ServicesDep) ->
 )
 async def retry_job(job_id: str, project: ProjectDep, services: ServicesDep) -> JobAccepted:
     job = await project_job(services.store, project, job_id)
-    if job.status not in (JobStatus.FAILED, JobStatus.CANCELED):
+    if job.status not in RETRYABLE_JOB_STATUSES:
         raise Conflict(f"Only failed or canceled jobs can be retried; this one is {job.status.value}.")
-    return await submit(services, project, await services.store.config(job_id), retry_of=job_id)
+    return await resubmit(services, project, job)
 
 
 @router.post(

@@ -1,13 +1,23 @@
-"""/api/queue: the project's queue as a whole: pause and resume, bulk cancel and retry, stats and metrics."""
+"""/api/queue: the project's queue as a whole: pause and resume, bulk cancel and retry, stats and
+metrics. Retry, cancel, stats and metrics also answer the queue management API's document style
+(services/gateway/document_style.py has the rule, services/gateway/queue_documents.py the mapping)."""
 
-import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Body, Query, status
+from pydantic import Discriminator, Tag
 
-from services.gateway.deps import ProjectDep, ServicesDep
+from services.gateway.deps import ProjectDep, Services, ServicesDep
+from services.gateway.document_style import EitherStyleRoute, body_style, check_project
+from services.gateway.queue_documents import (
+    cancel_batches,
+    cancel_jobs,
+    document_metrics,
+    document_stats,
+    first_hour_of,
+)
 from services.gateway.quotes import budget_state, check_budget, standing_of
-from services.gateway.schemas.common import API_PROBLEMS, problems
+from services.gateway.schemas.common import EITHER_API_PROBLEMS, either_problems
 from services.gateway.schemas.queue import (
     BatchLaneState,
     CancelCount,
@@ -24,16 +34,27 @@ from services.gateway.schemas.queue import (
     RunPodWorkers,
     UpstreamHoldState,
 )
-from services.gateway.submissions import submit
+from services.gateway.schemas.queue_documents import (
+    CancelDocument,
+    CanceledDocument,
+    DocumentMetrics,
+    DocumentStats,
+    RetriedDocument,
+    RetryDocument,
+)
+from services.gateway.submissions import resubmit
 from shared.errors import Conflict, NotFound
 from shared.models import JobStatus
 from shared.pricing import usd
 from shared.stores.upstream import Hold
 from shared.times import utc
 
-router = APIRouter(prefix="/api/queue", tags=["queue"], responses=API_PROBLEMS)
+# The routes of this router both styles share take the style of each request
+# (services/gateway/document_style.py): errors too.
+router = APIRouter(prefix="/api/queue", tags=["queue"], responses=EITHER_API_PROBLEMS, route_class=EitherStyleRoute)
 
-TIME_RANGES = {"24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400, "all": None}
+COMPATIBLE = "compatible: queue management"
+TimeRange = Literal["24h", "7d", "30d", "all"]
 
 
 @router.post("/pause", response_model=PauseState)
@@ -49,26 +70,58 @@ async def resume(project: ProjectDep, services: ServicesDep) -> PauseState:
     return PauseState(paused=False)
 
 
-@router.post("/cancel", response_model=CancelCount)
-async def cancel_many(body: CancelMany, project: ProjectDep, services: ServicesDep) -> CancelCount:
-    """The named jobs, or every queued and processing job of the project."""
-    job_ids = body.job_ids if body.job_ids is not None else await services.projects.live_job_ids(project)
-    count = 0
-    for job in await services.store.get_many(job_ids):
-        if job.project == project and job.status in (JobStatus.QUEUED, JobStatus.PROCESSING):
-            done, _ = await services.store.cancel(job.id)
-            count += done
-    return CancelCount(canceled_count=count)
+RetryBody = Annotated[
+    Annotated[RetryMany, Tag("native")] | Annotated[RetryDocument, Tag("document")], Discriminator(body_style)
+]
+CancelBody = Annotated[
+    Annotated[CancelMany, Tag("native")] | Annotated[CancelDocument, Tag("document")], Discriminator(body_style)
+]
 
 
 @router.post(
-    "/retry", status_code=status.HTTP_202_ACCEPTED, response_model=RetriedList, responses=problems(402, 404, 409)
+    "/cancel", response_model=CancelCount | CanceledDocument, responses=either_problems(404), tags=[COMPATIBLE]
 )
-async def retry_many(body: RetryMany, project: ProjectDep, services: ServicesDep) -> RetriedList:
-    """One failed job, or every failed job of the project not retried yet."""
+async def cancel_many(
+    body: Annotated[CancelBody, Body()], project: ProjectDep, services: ServicesDep
+) -> CancelCount | CanceledDocument:
+    """The named jobs (`job_ids`), or every queued and processing job of the project. In the
+    document style: the jobs of the named batches (`batchIds`), or every one of the project."""
+    if isinstance(body, CancelDocument):
+        check_project(body.project_id, project)
+        count, reset = await cancel_batches(services, project, body.batch_ids)
+        return CanceledDocument(
+            canceled_count=count, batches_reset=reset, message=f"Canceled {count} job(s) of {reset} batch(es)."
+        )
+    job_ids = body.job_ids if body.job_ids is not None else await services.projects.live_job_ids(project)
+    jobs = [job for job in await services.store.get_many(job_ids) if job.project == project]
+    return CancelCount(canceled_count=await cancel_jobs(services, jobs))
+
+
+@router.post(
+    "/retry",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=RetriedList | RetriedDocument,
+    responses=either_problems(402, 404, 409),
+    tags=[COMPATIBLE],
+)
+async def retry_many(
+    body: Annotated[RetryBody, Body()], project: ProjectDep, services: ServicesDep
+) -> RetriedList | RetriedDocument:
+    """One failed job, or every failed job of the project not retried yet; each retry is a job of
+    its own (`retry_of` the failed one)."""
+    if isinstance(body, RetryDocument):
+        check_project(body.project_id, project)
+    retried = await _retry_failed(services, project, body.job_id)
+    if isinstance(body, RetryDocument):
+        new_ids = [r.id for r in retried]
+        return RetriedDocument(message=f"Retrying {len(new_ids)} failed job(s).", job_ids=new_ids)
+    return RetriedList(retried=retried)
+
+
+async def _retry_failed(services: Services, project: str, job_id: str | None) -> list[Retried]:
     store = services.store
-    if body.job_id:
-        job = await store.get_for_project(project, body.job_id)
+    if job_id:
+        job = await store.get_for_project(project, job_id)
         if job is None:
             raise NotFound("No such job in this project.")
         if job.status != JobStatus.FAILED:
@@ -85,14 +138,23 @@ async def retry_many(body: RetryMany, project: ProjectDep, services: ServicesDep
     await check_budget(services, project, configs)
     retried = []
     for job, config in zip(candidates, configs, strict=True):
-        accepted = await submit(services, project, config, retry_of=job.id, budget_checked=True)
+        accepted = await resubmit(services, project, job, config, budget_checked=True)
         retried.append(Retried(id=accepted.id, retry_of=job.id))
-    return RetriedList(retried=retried)
+    return retried
 
 
-@router.get("/stats", response_model=QueueStats)
-async def stats(project: ProjectDep, services: ServicesDep) -> QueueStats:
+@router.get("/stats", response_model=QueueStats | DocumentStats, responses=either_problems(404), tags=[COMPATIBLE])
+async def stats(
+    project: ProjectDep,
+    services: ServicesDep,
+    project_id: Annotated[str | None, Query(alias="projectId", max_length=200)] = None,
+) -> QueueStats | DocumentStats:
+    """With `projectId` (the document style): the document's counts and worker figures."""
     state, settings = await services.projects.state(project), services.settings
+    if project_id is not None:
+        check_project(project_id, project)
+        queue, worker = document_stats(services, state)
+        return DocumentStats(queue=queue, worker=worker)
     standing = await standing_of(services, project)
     return QueueStats(
         queue=QueueCounts(**state.jobs_by_status, total_jobs=sum(state.jobs_by_status.values())),
@@ -145,15 +207,24 @@ def _runpod_workers(health: dict[str, Any] | None) -> RunPodWorkers | None:
     )
 
 
-@router.get("/metrics", response_model=QueueMetrics)
+@router.get(
+    "/metrics", response_model=QueueMetrics | DocumentMetrics, responses=either_problems(404), tags=[COMPATIBLE]
+)
 async def metrics(
     project: ProjectDep,
     services: ServicesDep,
-    time_range: Annotated[Literal["24h", "7d", "30d", "all"], Query()] = "24h",
-) -> QueueMetrics:
-    window = TIME_RANGES[time_range]
-    since = 0.0 if window is None else time.time() - window
-    hours = await services.projects.hourly(project, first_hour=int(since // 3600))
+    time_range: Annotated[TimeRange, Query()] = "24h",
+    document_time_range: Annotated[TimeRange | None, Query(alias="timeRange")] = None,
+    project_id: Annotated[str | None, Query(alias="projectId", max_length=200)] = None,
+) -> QueueMetrics | DocumentMetrics:
+    """The project's figures over the time range, from hourly counts: the cost grows with the hours
+    in the range, never with its jobs. With `timeRange` or `projectId` (the document style):
+    the document's figures, durations in milliseconds."""
+    if document_time_range is not None or project_id is not None:
+        check_project(project_id, project)
+        hours = await services.projects.hourly(project, first_hour=first_hour_of(document_time_range or "24h"))
+        return DocumentMetrics(stats=document_metrics(hours))
+    hours = await services.projects.hourly(project, first_hour=first_hour_of(time_range))
 
     def total(kind: str) -> int:
         return int(sum(h.get(kind, 0) for h in hours.values()))

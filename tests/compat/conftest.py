@@ -1,0 +1,42 @@
+"""One whole stack for the compatible APIs' flows (tests/compat/): the front-ends of the documents
+in docs/compatible_api.md, driven over HTTP as they would drive Bunch."""
+
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from deploy.stack import Stack
+from tests.stack_helpers import client, running_stack
+
+KEY, PROJECT = "compat-key", "compat-project"
+OTHER_KEY, OTHER_PROJECT = "other-key", "other-project"
+
+
+@pytest.fixture(scope="package")
+def stack() -> Iterator[Stack]:
+    with running_stack(
+        "bunch-compat-",
+        api_keys=f"{KEY}:{PROJECT},{OTHER_KEY}:{OTHER_PROJECT}",
+        runpod_workers=4,
+        service_env={
+            "BUNCH_MAX_CONCURRENCY": "4",
+            "BUNCH_WEBHOOK_GRACE_SECONDS": "3",
+            "BUNCH_POLL_INTERVAL_SECONDS": "0.5",
+            "BUNCH_RETRY_BACKOFF_SECONDS": "0.2",
+            "BUNCH_RETRY_BACKOFF_MAX_SECONDS": "1",
+        },
+    ) as stack:
+        yield stack
+
+
+@pytest.fixture
+async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with client(stack, KEY) as api:
+        yield api
+
+
+@pytest.fixture
+async def other_api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with client(stack, OTHER_KEY) as api:
+        yield api
