@@ -8,10 +8,24 @@ from fastapi import FastAPI
 from services.gateway import console
 from services.gateway.auth import ApiKeyMiddleware, ApiKeys
 from services.gateway.deps import Services
+from services.gateway.document_style import unauthenticated_body
 from services.gateway.errors import add_error_handlers
 from services.gateway.limits import BodyLimitMiddleware, body_limits
 from services.gateway.request_metrics import RequestMetrics
-from services.gateway.routes import datasets, downloads, events, groups, jobs, operations, queue, uploads, webhooks
+from services.gateway.routes import (
+    batches,
+    datasets,
+    downloads,
+    events,
+    generations,
+    groups,
+    jobs,
+    operations,
+    queue,
+    queue_management,
+    uploads,
+    webhooks,
+)
 from services.gateway.security_headers import SecurityHeaders
 from shared.lifecycle import settle_garbage_collector
 from shared.redis_connection import connect
@@ -51,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limits=body_limits(settings))
     # Added after the body limit, so it runs before it: nothing of an unauthenticated body is read.
     api_keys = ApiKeys(settings.project_for_key())
-    app.add_middleware(ApiKeyMiddleware, keys=api_keys)
+    app.add_middleware(ApiKeyMiddleware, keys=api_keys, body_for=unauthenticated_body)
     # Routes are matched in order, twice per request: the job routes (status polling, submission)
     # go first, ahead of the few probes and uploads; no path of one router matches another's.
     app.include_router(jobs.router)
@@ -60,7 +74,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(groups.router)
     app.include_router(downloads.router)
     app.include_router(datasets.router)
+    app.include_router(batches.router)
     app.include_router(queue.router)
+    app.include_router(queue_management.router)
+    app.include_router(generations.router)
     app.include_router(webhooks.router)
     app.include_router(webhooks.secrets_router)
     app.include_router(events.router)
