@@ -372,3 +372,81 @@ async def test_the_budget_is_shown_and_a_job_over_it_is_refused_with_its_figures
     async with client(stack, POOR_KEY) as api:
         assert (await api.get("/api/jobs")).json()["jobs"] == []
     await context.close()
+
+
+async def test_the_semi_auto_form_is_saved_as_a_batch_queued_and_deleted_from_the_panel(
+    page: Page, stack: Stack, tmp_path: Path
+) -> None:
+    ref = tmp_path / "saved.png"
+    ref.write_bytes(png_bytes(40, 40, seed=90))
+    await page.goto("/")
+    await page.fill("#new-group", "saved batches")
+    await page.set_input_files("#references", str(ref))
+    await page.fill("#prompts", "a tin robot\na felt owl")
+    await page.fill("#batch", "3")
+    await page.fill("#priority", "7")
+    await page.fill("#batch-name", "robots and owls")
+    await page.click("#save-batch")
+    shape = "2 \N{MULTIPLICATION SIGN} 3"  # two prompts (rows) of three images (columns) each
+    saved_text = f'Saved "robots and owls": {shape} (6 images), not queued.'
+    await expect(page.locator("#save-message")).to_have_text(saved_text)
+    row = page.locator("#batches tbody tr", has_text="robots and owls")
+    await expect(row).to_have_class("fresh")
+    await expect(row.locator("td").nth(1)).to_have_text(shape)
+    batch_id = await row.get_attribute("data-batch")
+    async with client(stack, KEY) as api:
+        saved = (await api.get(f"/api/batches/{batch_id}")).json()
+    # The batch holds the body Submit would have sent, and saving it queued nothing.
+    config = saved["config"]
+    assert (config["mode"], config["group"]) == ("semi_auto", "saved batches")
+    assert config["prompts"] == ["a tin robot", "a felt owl"]
+    assert (config["images_per_prompt"], config["priority"], len(config["reference_ids"])) == (3, 7, 1)
+    assert saved["jobs"] == [] and saved["latest_job_id"] is None
+
+    # Slow answers keep the queued job unfinished while its batch's deletion is asked (and refused).
+    await emulator(stack, "gemini", "POST", "/_emulator/config", {"latency_ms": 3000})
+    try:
+        await row.locator("text=Queue").click()
+        message = page.locator("#batches-message")
+        await expect(message).to_contain_text('Queued "robots and owls": job ')
+        async with client(stack, KEY) as api:
+            jobs = (await api.get(f"/api/batches/{batch_id}")).json()["jobs"]
+        assert len(jobs) == 1
+        job_id = jobs[0]["id"]
+        await expect(message).to_have_text(f'Queued "robots and owls": job {job_id[:8]}.')
+        job_row = page.locator(f"#queue tbody tr[data-job='{job_id}']")
+        await expect(job_row.locator(".status")).not_to_have_text("completed")
+        await row.locator("text=Delete").click()
+        await expect(message).to_have_class("error")
+        async with client(stack, KEY) as api:
+            refused = await api.delete(f"/api/batches/{batch_id}")
+        assert refused.status_code == 409
+        await expect(message).to_have_text(refused.json()["detail"])
+    finally:
+        await emulator(stack, "gemini", "POST", "/_emulator/config", {"latency_ms": 0})
+
+    await expect(job_row.locator(".status")).to_have_text("completed", timeout=60_000)
+    await expect(job_row).to_contain_text("6/6")
+    await expect(row.locator("td").nth(4)).to_have_text(job_id[:8])
+    async with client(stack, KEY) as api:
+        listed = (await api.get(f"/api/batches/{batch_id}")).json()
+    assert listed["latest_job_id"] == job_id and listed["jobs"][0]["id"] == job_id
+    assert listed["jobs"][0]["status"] == "completed"
+
+    await row.locator("text=Queue").click()  # queued again: a new job of its own
+    await expect(message).to_have_class("notice")
+    async with client(stack, KEY) as api:
+        jobs = (await api.get(f"/api/batches/{batch_id}")).json()["jobs"]
+    assert len(jobs) == 2 and jobs[1]["id"] == job_id  # newest first
+    again = jobs[0]["id"]
+    await expect(message).to_have_text(f'Queued "robots and owls": job {again[:8]}.')
+    await expect(page.locator(f"#queue tbody tr[data-job='{again}'] .status")).to_have_text("completed", timeout=60_000)
+    await expect(row.locator("td").nth(4)).to_have_text(again[:8])
+    await expect(page.locator("#queue-message")).to_have_text("")
+    await screenshot(page, "saved_batches.png", tmp_path)
+
+    await row.locator("text=Delete").click()
+    await expect(page.locator("#batches-message")).to_have_text('Deleted "robots and owls".')
+    await expect(page.locator("#batches tbody tr[data-batch]")).to_have_count(0)
+    async with client(stack, KEY) as api:
+        assert (await api.get(f"/api/batches/{batch_id}")).status_code == 404

@@ -310,8 +310,10 @@ function laneQuotes(form, bodyOf, { copies = () => 1 } = {}) {
   }
 
   const later = debounced(update, 300);
-  form.addEventListener("input", later);
-  form.addEventListener("change", later);
+  // Fields that are no part of the job (a saved batch's name) leave its price as it is.
+  const edited = (event) => { if (!event.target.closest("[data-unpriced]")) later(); };
+  form.addEventListener("input", edited);
+  form.addEventListener("change", edited);
   later();
   return { refresh: later };
 }
@@ -360,13 +362,19 @@ async function semiAutoPage() {
     const ids = referenceIds();
     return ids ? semiBody(form, ids) : null;
   }, { copies });
+  // The job the form holds once its references are uploaded: what Submit queues and Save keeps.
+  const formBody = async () => {
+    const body = semiBody(form, refs.pending ? await refs.pending : []);
+    if (!body) throw new Error("Enter at least one prompt.");
+    return body;
+  };
+  const batches = savedBatches({ onQueued: () => quotes.refresh() });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const button = $("button[type=submit]", form);
     button.disabled = true;
     try {
-      const body = semiBody(form, refs.pending ? await refs.pending : []);
-      if (!body) throw new Error("Enter at least one prompt.");
+      const body = await formBody();
       const n = copies();
       for (let k = 0; k < n; k++) await api("/api/jobs", { method: "POST", json: body });
       showNotice(message, `${n} ${body.lane === "batch" ? "batch " : ""}job${n > 1 ? "s" : ""} submitted.`);
@@ -382,17 +390,123 @@ async function semiAutoPage() {
     const n = Number($("#batch").value) || 0;
     $("#batch-hint").textContent = `${Math.ceil(n / 4)} run(s) of up to 4 images per prompt`;
   });
-  await refreshQueue();
+  saveAsBatch(formBody, batches);
+  await Promise.all([refreshQueue(), batches.refresh()]);
   // Every status or progress event re-reads the listing: it carries the ETA and ZIP link too.
   follow("/api/events", (type) => { if (type !== "snapshot") refreshQueue(); });
 }
 
+// "Save as batch": the body Submit would send, plus the name, kept by POST /api/batches; nothing is queued.
+function saveAsBatch(formBody, batches) {
+  const button = $("#save-batch"), name = $("#batch-name"), message = $("#save-message");
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    try {
+      const body = await formBody(), label = name.value.trim();
+      // A blank name is left out, not sent as "": the API takes names of at least one character.
+      const batch = await api("/api/batches", { method: "POST", json: label ? { ...body, name: label } : body });
+      showNotice(message, `Saved ${batchTitle(batch)}: ${batchShape(batch)} (${batch.images} images), not queued.`);
+      name.value = "";
+      await batches.saved(batch);
+    } catch (err) {
+      showError(message, err);
+    } finally {
+      button.disabled = false;
+    }
+  });
+  // Enter in a text field submits its form, which would queue a job instead of saving it.
+  name.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") { event.preventDefault(); button.click(); }
+  });
+}
+
+function batchTitle(batch) { return batch.name ? `"${batch.name}"` : `batch ${batch.id.slice(0, 8)}`; }
+function batchShape(batch) { return `${batch.rows} × ${batch.columns.length}`; }
+
+// The project's saved batches, newest first, 50 a page ("Show more" appends the next); each can be
+// queued (its job then shows in the queue like a submitted one) or deleted (refused while a job
+// queued from it is unfinished: the 409's reason is shown).
+function savedBatches({ onQueued }) {
+  const list = $("#batches tbody"), message = $("#batches-message"), more = $("#more-batches");
+  let fresh = null;  // the batch saved last on this page: its row is marked
+  let listing = 0;   // a "Show more" that lands after a refresh must not append to the new list
+
+  const rows = (batches) => batches.map((batch) => el("tr", { "data-batch": batch.id, class: batch.id === fresh ? "fresh" : null },
+    el("td", { title: batch.id }, batch.name || el("span", { class: "hint" }, batch.id.slice(0, 8))),
+    el("td", { title: `${batch.images} image(s)` }, batchShape(batch)),
+    el("td", {}, batch.lane),
+    el("td", {}, new Date(batch.created_at).toLocaleString()),
+    el("td", {}, batch.latest_job_id ? el("code", {}, batch.latest_job_id.slice(0, 8)) : ""),
+    el("td", {}, el("div", { class: "row-actions" },
+      el("button", { class: "secondary", onclick: (event) => queue(batch, event.currentTarget) }, "Queue"),
+      el("button", { class: "danger", onclick: (event) => remove(batch, event.currentTarget) }, "Delete")))));
+
+  function offerMore(cursor, mine) {
+    more.hidden = !cursor;
+    more.onclick = async () => {
+      more.disabled = true;
+      try {
+        const page = await api(`/api/batches?limit=50&cursor=${encodeURIComponent(cursor)}`);
+        if (mine !== listing) return;
+        list.append(...rows(page.batches));
+        offerMore(page.next_cursor, mine);
+      } catch (err) {
+        showError(message, err);
+      } finally {
+        more.disabled = false;
+      }
+    };
+  }
+
+  const refresh = coalesced(async () => {
+    const mine = ++listing;
+    try {
+      const page = await api("/api/batches?limit=50");
+      list.replaceChildren(...rows(page.batches));
+      if (!page.batches.length) list.append(el("tr", {}, el("td", { colspan: 6, class: "hint" }, "No saved batches yet: fill the form above and save it as a batch.")));
+      offerMore(page.next_cursor, mine);
+    } catch (err) {
+      showError(message, err);
+    }
+  });
+
+  async function queue(batch, button) {
+    button.disabled = true;
+    try {
+      const job = await api(`/api/batches/${batch.id}/jobs`, { method: "POST", json: {} });
+      showNotice(message, `Queued ${batchTitle(batch)}: job ${job.id.slice(0, 8)}.`);
+      onQueued();  // the budget has less left
+      await Promise.all([refreshQueue(), refresh()]);
+    } catch (err) {
+      showError(message, err);
+      button.disabled = false;
+    }
+  }
+
+  async function remove(batch, button) {
+    button.disabled = true;
+    try {
+      await api(`/api/batches/${batch.id}`, { method: "DELETE" });
+      showNotice(message, `Deleted ${batchTitle(batch)}.`);
+      await refresh();
+    } catch (err) {
+      showError(message, err);
+      button.disabled = false;
+    }
+  }
+
+  return { refresh, saved: (batch) => { fresh = batch.id; return refresh(); } };
+}
+
+const NO_JOBS = "No jobs yet.";
 const refreshQueue = coalesced(async () => {
   const body = $("#queue tbody");
   try {
-    const listing = await api("/api/jobs?limit=100");
+    const listing = await api("/api/jobs?limit=100"), message = $("#queue-message");
     body.replaceChildren(...listing.jobs.map(queueRow));
-    if (!listing.jobs.length) $("#queue-message").textContent = "No jobs yet.";
+    // The hint goes once a job comes (a notice there, "Job canceled.", stays).
+    if (!listing.jobs.length) message.textContent = NO_JOBS;
+    else if (message.textContent === NO_JOBS) message.textContent = "";
   } catch (err) {
     showError($("#queue-message"), err);
   }
