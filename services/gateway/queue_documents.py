@@ -21,7 +21,7 @@ from shared.errors import Conflict, Invalid
 from shared.models import FINAL_JOB_STATUSES, AutomaticJobRequest, JobStatus, SemiAutoJobRequest
 from shared.planning import JobConfig
 from shared.pricing import usd
-from shared.stores.projects import ProjectState
+from shared.stores.projects import HourlyFigures, ProjectState
 from shared.stores.records import JobRecord
 from shared.stores.saved_batches import SavedBatch, column_index
 from shared.times import utc
@@ -235,22 +235,18 @@ def document_stats(services: Services, state: ProjectState) -> tuple[DocumentQue
     return queue, worker
 
 
-def document_metrics(hours: dict[int, dict[str, float]]) -> DocumentMetricFigures:
-    """The project's hourly figures (shared/stores/projects.hourly) with durations in milliseconds."""
+def document_metrics(figures: HourlyFigures) -> DocumentMetricFigures:
+    """The project's hourly figures with durations in milliseconds."""
 
-    def total(kind: str) -> int:
-        return int(sum(h.get(kind, 0) for h in hours.values()))
+    def milliseconds(seconds: float | None) -> float | None:
+        return None if seconds is None else round(seconds * 1000)
 
-    succeeded, failed, jobs = total("succeeded"), total("failed"), total("jobs")
-    lows = [h["min_seconds"] for h in hours.values() if "min_seconds" in h]
-    highs = [h["max_seconds"] for h in hours.values() if "max_seconds" in h]
-    seconds = sum(h.get("seconds", 0) for h in hours.values())
     return DocumentMetricFigures(
-        success_rate=round(succeeded / (succeeded + failed), 4) if succeeded + failed else None,
-        avg_duration=round(seconds * 1000 / jobs) if jobs else None,
-        min_duration=round(min(lows) * 1000) if lows else None,
-        max_duration=round(max(highs) * 1000) if highs else None,
-        total_tokens=total("tokens"),
+        success_rate=figures.success_rate,
+        avg_duration=milliseconds(figures.average_seconds),
+        min_duration=milliseconds(figures.shortest_seconds),
+        max_duration=milliseconds(figures.longest_seconds),
+        total_tokens=figures.total("tokens"),
         hourly_breakdown=[
             DocumentHour(
                 hour=utc(hour * 3600),
@@ -259,7 +255,7 @@ def document_metrics(hours: dict[int, dict[str, float]]) -> DocumentMetricFigure
                 tokens=int(h.get("tokens", 0)),
                 cost_usd=usd(h.get("gemini_micros", 0) + h.get("runpod_micros", 0)),
             )
-            for hour, h in sorted(hours.items())
+            for hour, h in sorted(figures.by_hour.items())
         ],
     )
 

@@ -145,7 +145,7 @@ class ProjectStore:
             held=parse_hold(hold, time.time()) is not None,
         )
 
-    async def hourly(self, project: str, first_hour: int) -> dict[int, dict[str, float]]:
+    async def hourly(self, project: str, first_hour: int) -> "HourlyFigures":
         """By hour (unix seconds // 3600) from `first_hour` on: each figure the scripts keep. The
         cost grows with the hours in the range, never with the jobs in it."""
         hours: dict[int, dict[str, float]] = {}
@@ -153,7 +153,7 @@ class ProjectStore:
             hour, _, kind = field.partition(":")
             if int(hour) >= first_hour:
                 hours.setdefault(int(hour), {})[kind] = float(value)
-        return hours
+        return HourlyFigures(hours)
 
     async def live_job_ids(self, project: str) -> list[str]:
         """Queued and processing jobs, from their own index: the cost follows the live work, never
@@ -175,3 +175,35 @@ class ProjectStore:
 
 def _seconds(value: str | None) -> float | None:
     return None if value is None else float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class HourlyFigures:
+    """A project's hourly figures over a range of hours (complete_run.lua and the job scripts keep
+    them): images succeeded and failed, jobs finished and their seconds, tokens, cost in micro-USD."""
+
+    by_hour: dict[int, dict[str, float]]
+
+    def total(self, kind: str) -> int:
+        return int(sum(figures.get(kind, 0) for figures in self.by_hour.values()))
+
+    @property
+    def success_rate(self) -> float | None:
+        succeeded, failed = self.total("succeeded"), self.total("failed")
+        return round(succeeded / (succeeded + failed), 4) if succeeded + failed else None
+
+    @property
+    def average_seconds(self) -> float | None:
+        """Of the jobs that finished in the range."""
+        jobs = self.total("jobs")
+        return sum(figures.get("seconds", 0) for figures in self.by_hour.values()) / jobs if jobs else None
+
+    @property
+    def shortest_seconds(self) -> float | None:
+        found = [figures["min_seconds"] for figures in self.by_hour.values() if "min_seconds" in figures]
+        return min(found) if found else None
+
+    @property
+    def longest_seconds(self) -> float | None:
+        found = [figures["max_seconds"] for figures in self.by_hour.values() if "max_seconds" in figures]
+        return max(found) if found else None

@@ -222,27 +222,20 @@ async def metrics(
     the document's figures, durations in milliseconds."""
     if document_time_range is not None or project_id is not None:
         check_project(project_id, project)
-        hours = await services.projects.hourly(project, first_hour=first_hour_of(document_time_range or "24h"))
-        return DocumentMetrics(stats=document_metrics(hours))
-    hours = await services.projects.hourly(project, first_hour=first_hour_of(time_range))
-
-    def total(kind: str) -> int:
-        return int(sum(h.get(kind, 0) for h in hours.values()))
-
-    succeeded, failed, jobs = total("succeeded"), total("failed"), total("jobs")
-    lows = [h["min_seconds"] for h in hours.values() if "min_seconds" in h]
-    highs = [h["max_seconds"] for h in hours.values() if "max_seconds" in h]
-    gemini, runpod = total("gemini_micros"), total("runpod_micros")
+        figures = await services.projects.hourly(project, first_hour=first_hour_of(document_time_range or "24h"))
+        return DocumentMetrics(stats=document_metrics(figures))
+    figures = await services.projects.hourly(project, first_hour=first_hour_of(time_range))
+    gemini, runpod = figures.total("gemini_micros"), figures.total("runpod_micros")
     return QueueMetrics(
         time_range=time_range,
-        success_rate=round(succeeded / (succeeded + failed), 4) if succeeded + failed else None,
-        avg_duration_s=round(sum(h.get("seconds", 0) for h in hours.values()) / jobs, 3) if jobs else None,
-        min_duration_s=round(min(lows), 3) if lows else None,
-        max_duration_s=round(max(highs), 3) if highs else None,
-        jobs_finished=jobs,
-        images_succeeded=succeeded,
-        images_failed=failed,
-        total_tokens=total("tokens"),
+        success_rate=figures.success_rate,
+        avg_duration_s=_rounded(figures.average_seconds, 3),
+        min_duration_s=_rounded(figures.shortest_seconds, 3),
+        max_duration_s=_rounded(figures.longest_seconds, 3),
+        jobs_finished=figures.total("jobs"),
+        images_succeeded=figures.total("succeeded"),
+        images_failed=figures.total("failed"),
+        total_tokens=figures.total("tokens"),
         cost_usd=usd(gemini + runpod),
         gemini_cost_usd=usd(gemini),
         runpod_cost_usd=usd(runpod),
@@ -255,6 +248,10 @@ async def metrics(
                 tokens=int(h.get("tokens", 0)),
                 cost_usd=usd(h.get("gemini_micros", 0) + h.get("runpod_micros", 0)),
             )
-            for hour, h in sorted(hours.items())
+            for hour, h in sorted(figures.by_hour.items())
         ],
     )
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

@@ -52,9 +52,8 @@ class ValidationProblem(Problem):
     errors: list[FieldError] = Field(default_factory=list)
 
 
-class OverBudgetProblem(Problem):
-    """402: the job would cost more than the project's budget has left this period; nothing was
-    stored. Amounts in USD."""
+class BudgetFigures(BaseModel):
+    """What a 402 carries beside its message: the quote and the budget's standing, in USD."""
 
     quote_usd: float
     spent_usd: float
@@ -62,6 +61,11 @@ class OverBudgetProblem(Problem):
     remaining_usd: float
     period: Literal["day", "month"]
     resets_at: datetime
+
+
+class OverBudgetProblem(Problem, BudgetFigures):
+    """402: the job would cost more than the project's budget has left this period; nothing was
+    stored. Amounts in USD."""
 
 
 _PROBLEMS: dict[int, str] = {
@@ -101,15 +105,8 @@ class DocumentValidationProblem(DocumentProblem):
     errors: list[FieldError] = Field(default_factory=list)
 
 
-class DocumentOverBudgetProblem(DocumentProblem):
-    """402 in the document style: the figures of OverBudgetProblem."""
-
-    quote_usd: float
-    spent_usd: float
-    limit_usd: float
-    remaining_usd: float
-    period: Literal["day", "month"]
-    resets_at: datetime
+class DocumentOverBudgetProblem(DocumentProblem, BudgetFigures):
+    """402 in the document style, with the same figures."""
 
 
 def document_problems(*codes: int, described: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
