@@ -19,6 +19,15 @@ from deploy.stack import Stack, start_stack
 from shared.redis_connection import connect
 from shared.settings import Settings
 
+# Timers short enough that a test sees recovery within seconds: overdue webhooks polled after 3 s
+# (every 0.5 s), failed runs retried after 0.2 s and at most 1 s.
+QUICK_TIMERS = {
+    "BUNCH_WEBHOOK_GRACE_SECONDS": "3",
+    "BUNCH_POLL_INTERVAL_SECONDS": "0.5",
+    "BUNCH_RETRY_BACKOFF_SECONDS": "0.2",
+    "BUNCH_RETRY_BACKOFF_MAX_SECONDS": "1",
+}
+
 
 def png_bytes(width: int = 64, height: int = 64, seed: int = 0, noise: bool = False) -> bytes:
     if noise:

@@ -21,7 +21,7 @@ from bunch_cli.errors import ExitCode
 from bunch_cli.units import usd
 from deploy.processes import ROOT, free_port
 from deploy.stack import Stack
-from tests.stack_helpers import png_bytes, running_stack
+from tests.stack_helpers import QUICK_TIMERS, png_bytes, running_stack
 
 KEY = "cli-key"
 QUOTE_KEY = "cli-quote-key"  # a project of its own, whose job list the dry runs must leave empty
@@ -38,10 +38,7 @@ def stack() -> Iterator[Stack]:
         runpod_args=("--webhook-retry-delay", "0.2"),
         service_env={
             "BUNCH_MAX_CONCURRENCY": "5",
-            "BUNCH_WEBHOOK_GRACE_SECONDS": "3",
-            "BUNCH_POLL_INTERVAL_SECONDS": "0.5",
-            "BUNCH_RETRY_BACKOFF_SECONDS": "0.2",
-            "BUNCH_RETRY_BACKOFF_MAX_SECONDS": "1",
+            **QUICK_TIMERS,
             "BUNCH_PROJECT_BUDGETS": "cli-poor:0.0001/day",
         },
     ) as stack:

@@ -16,6 +16,7 @@ from deploy.stack import Stack
 from services.gateway.schemas.jobs import JobResults
 from shared import keys
 from tests.stack_helpers import (
+    QUICK_TIMERS,
     client,
     download_zip,
     emulator,
@@ -40,10 +41,7 @@ def stack() -> Iterator[Stack]:
         runpod_args=("--webhook-retry-delay", "0.2"),
         service_env={
             "BUNCH_MAX_CONCURRENCY": str(CAP),
-            "BUNCH_WEBHOOK_GRACE_SECONDS": "3",
-            "BUNCH_POLL_INTERVAL_SECONDS": "0.5",
-            "BUNCH_RETRY_BACKOFF_SECONDS": "0.2",
-            "BUNCH_RETRY_BACKOFF_MAX_SECONDS": "1",
+            **QUICK_TIMERS,
         },
     ) as stack:
         yield stack

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from deploy.stack import Stack
-from tests.stack_helpers import client, running_stack
+from tests.stack_helpers import QUICK_TIMERS, client, running_stack
 
 KEY, PROJECT = "compat-key", "compat-project"
 OTHER_KEY, OTHER_PROJECT = "other-key", "other-project"
@@ -21,10 +21,7 @@ def stack() -> Iterator[Stack]:
         runpod_workers=4,
         service_env={
             "BUNCH_MAX_CONCURRENCY": "4",
-            "BUNCH_WEBHOOK_GRACE_SECONDS": "3",
-            "BUNCH_POLL_INTERVAL_SECONDS": "0.5",
-            "BUNCH_RETRY_BACKOFF_SECONDS": "0.2",
-            "BUNCH_RETRY_BACKOFF_MAX_SECONDS": "1",
+            **QUICK_TIMERS,
         },
     ) as stack:
         yield stack

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from deploy.processes import scratch_dir
 from deploy.stack import Stack, start_stack
 from shared import keys, tokens
-from tests.stack_helpers import download_zip, emulator, submit, wait_final
+from tests.stack_helpers import QUICK_TIMERS, download_zip, emulator, submit, wait_final
 
 API_KEY = "fault-key"
 PROJECT = "faults"
@@ -34,10 +34,7 @@ JOB_IMAGES = 200  # 50 runs of 4
 FAST_RECOVERY = {
     "BUNCH_MAX_CONCURRENCY": str(CAP),
     "BUNCH_STREAM_CLAIM_IDLE_MS": "2000",
-    "BUNCH_WEBHOOK_GRACE_SECONDS": "3",
-    "BUNCH_POLL_INTERVAL_SECONDS": "0.5",
-    "BUNCH_RETRY_BACKOFF_SECONDS": "0.2",
-    "BUNCH_RETRY_BACKOFF_MAX_SECONDS": "1",
+    **QUICK_TIMERS,
     # Sent with each run (its limits): the worker waits at most this long between Gemini attempts.
     "BUNCH_GEMINI_BACKOFF_MAX_SECONDS": "0.5",
 }
