@@ -6,6 +6,7 @@ status in one place (services/gateway/errors.py).
     BunchError
     ├── NotFound          no such thing in the caller's project
     ├── Conflict          the thing's current state forbids it
+    │   └── InProgress    the same request is being answered right now (retry_after)
     ├── Invalid           the request itself is wrong
     │   ├── Unreadable    not parseable at all (not JSON, nested too deep)
     │   ├── TooLarge      over a size, count or cost limit
@@ -37,6 +38,14 @@ class NotFound(BunchError):
 
 class Conflict(BunchError):
     pass
+
+
+class InProgress(Conflict):
+    """Its first sending (the same Idempotency-Key) is still running; its answer comes after `retry_after` s."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Invalid(BunchError):

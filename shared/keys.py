@@ -195,6 +195,12 @@ def project_saved_batches(project: str) -> str:
     return f"{PREFIX}:project:{project}:saved-batches"
 
 
+def idempotent_request(project: str, key_digest: str) -> str:
+    """Hash of one Idempotency-Key of a project (its SHA-256 in hex): fingerprint, token while its
+    first request runs, then status, headers and body of its answer. Expires (24 h by default)."""
+    return f"{PREFIX}:project:{project}:idempotency:{key_digest}"
+
+
 def dataset(dataset_id: str) -> str:
     """Hash: id, project, count, created_at."""
     return f"{PREFIX}:dataset:{dataset_id}"

@@ -43,6 +43,8 @@ class Answer(IntEnum):
     ARCHIVED = 3  # the job's records are in its archive: restore it first
     MISSING = 4  # keys the change needs do not exist: nothing changed
     RECLAIMED = 5  # an upload's abandoned deletion was taken back: store its object again
+    REPLAY = 6  # the same request was answered before: here is that answer
+    BUSY = 7  # the same request is being answered right now: wait for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,3 +239,6 @@ TAKE_DUE_BATCHES = load("take_due_batches")
 MARK_BATCH = load("mark_batch")
 SAVE_BATCH = load("save_batch")
 DELETE_SAVED_BATCH = load("delete_saved_batch")
+CLAIM_IDEMPOTENCY_KEY = load("claim_idempotency_key")
+ANSWER_IDEMPOTENCY_KEY = load("answer_idempotency_key")
+RELEASE_IDEMPOTENCY_KEY = load("release_idempotency_key")

@@ -73,6 +73,17 @@ class Settings(BaseSettings):
     public_url: str = "http://127.0.0.1:8000"
     webhook_secret: SecretStr = SecretStr("")
     webhook_token_ttl_seconds: int = 7 * 24 * 3600
+    # Browser apps served from these origins may call the API directly: exact origins
+    # ("https://app.example.com,http://localhost:3000"), comma-separated; empty: none. No wildcard:
+    # the API key travels in a header any origin could otherwise make a browser send.
+    cors_origins: str = ""
+    # How long the first answer to an Idempotency-Key is kept and replayed to a repeat of its request.
+    idempotency_ttl_seconds: int = Field(24 * 3600, ge=60)
+    # A repeat that arrives while the first request is still running waits this long for its
+    # answer, then gets 409 with Retry-After.
+    idempotency_wait_seconds: float = Field(10.0, ge=0)
+    # A claimed key whose request never answers (its gateway killed mid-request) is freed after this.
+    idempotency_lock_seconds: int = Field(300, ge=1)
 
     # --- gateway server --- (services/gateway/server.py)
     # A request's headers must be in this long after connecting or after the previous response.
@@ -333,6 +344,15 @@ class Settings(BaseSettings):
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_parse(cls, value: str) -> str:
+        parse_origins(value)
+        return value
+
+    def cors_origin_list(self) -> list[str]:
+        return parse_origins(self.cors_origins)
+
     @field_validator("project_weights")
     @classmethod
     def _weights_parse(cls, value: str) -> str:
@@ -376,6 +396,20 @@ class Settings(BaseSettings):
 def _key_file(path: Path) -> bool:
     # Kubernetes mounts a Secret's entries beside `..data` and a timestamped folder: hidden names.
     return not path.name.startswith(".") and path.is_file()
+
+
+def parse_origins(text: str) -> list[str]:
+    """ "https://a.example,http://localhost:3000" -> the origins; "*", a path or a bare host is an error."""
+    origins = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        scheme, sep, rest = entry.partition("://")
+        if entry == "*" or not sep or scheme not in ("http", "https") or not rest or "/" in rest or "*" in rest:
+            raise ValueError(
+                f"CORS origin {entry!r}: expected an exact origin such as https://app.example.com "
+                "(scheme and host, an optional port, no path, no wildcard)"
+            )
+        origins.append(entry)
+    return origins
 
 
 def parse_weights(text: str) -> dict[str, float]:

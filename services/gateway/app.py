@@ -7,10 +7,12 @@ from fastapi import FastAPI
 
 from services.gateway import console
 from services.gateway.auth import ApiKeyMiddleware, ApiKeys
+from services.gateway.cors import add_cors
 from services.gateway.deps import Services
 from services.gateway.document_style import unauthenticated_body
 from services.gateway.errors import add_error_handlers
 from services.gateway.limits import BodyLimitMiddleware, body_limits
+from services.gateway.openapi_document import TAGS, describe, operation_id
 from services.gateway.request_metrics import RequestMetrics
 from services.gateway.routes import (
     batches,
@@ -56,11 +58,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Large image-generation jobs on Gemini through RunPod Serverless.",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
+        openapi_tags=TAGS,
         # Bunch's metrics are Prometheus (services/gateway/request_metrics.py) and it sets up no
         # OpenTelemetry provider; left on, FastAPI looks up the global providers (environment reads)
         # on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
+    app.openapi = describe(app)  # type: ignore[method-assign]
     add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limits=body_limits(settings))
     # Added after the body limit, so it runs before it: nothing of an unauthenticated body is read.
@@ -85,4 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/console/static", console.assets, name="console-static")
     app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestMetrics)
+    # Outermost: a preflight is answered before the API key is asked for (browsers send none), and
+    # every answer, a 401 or a 429 included, carries the headers a front-end must be able to read.
+    add_cors(app, settings.cors_origin_list())
     return app

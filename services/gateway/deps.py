@@ -17,6 +17,7 @@ from shared.storage import Storage
 from shared.stores.datasets import DatasetStore
 from shared.stores.downloads import DownloadStore
 from shared.stores.groups import GroupStore
+from shared.stores.idempotency import IdempotencyStore
 from shared.stores.jobs import JobStore
 from shared.stores.projects import ProjectStore
 from shared.stores.runs import RunStore
@@ -44,6 +45,7 @@ class Services:
     downloads: DownloadStore
     projects: ProjectStore
     saved_batches: SavedBatchStore
+    idempotency: IdempotencyStore
     heavy_reads: ProjectSlots
 
     @classmethod
@@ -60,6 +62,7 @@ class Services:
             downloads=DownloadStore(redis),
             projects=ProjectStore(redis),
             saved_batches=SavedBatchStore(redis, settings.project_max_saved_batches),
+            idempotency=IdempotencyStore(redis, settings.idempotency_ttl_seconds, settings.idempotency_lock_seconds),
             heavy_reads=ProjectSlots(HEAVY_READS_PER_PROJECT),
         )
 

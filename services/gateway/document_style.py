@@ -16,11 +16,12 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
 from services.gateway.errors import error_answer
+from services.gateway.idempotency import IdempotentRoute
+from services.gateway.schemas.common import document_problems, either_problems
 from shared.errors import NotFound
 
 _CAMEL = re.compile(r"[a-z0-9][A-Z]")
@@ -78,8 +79,10 @@ class DocumentModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
 
 
-class DocumentRoute(APIRoute):
+class DocumentRoute(IdempotentRoute):
     """A route whose errors are in the document style."""
+
+    error_responses = staticmethod(document_problems)
 
     async def in_document_style(self, request: Request) -> bool:
         return True
@@ -103,6 +106,8 @@ class DocumentRoute(APIRoute):
 
 class EitherStyleRoute(DocumentRoute):
     """A route both styles share: errors in the style the request was asked in."""
+
+    error_responses = staticmethod(either_problems)
 
     async def in_document_style(self, request: Request) -> bool:
         return await asks_document_style(request)

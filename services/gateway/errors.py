@@ -84,7 +84,7 @@ def readable(exc: RequestValidationError) -> str:
 def error_answer(exc: Exception) -> ErrorAnswer | None:
     """What the API answers for `exc`; None for an exception that is a bug (a 500)."""
     if isinstance(exc, errors.BunchError):
-        if isinstance(exc, errors.OverQuota):
+        if isinstance(exc, errors.OverQuota | errors.InProgress):
             return ErrorAnswer(status_of(exc), exc.message, headers={"Retry-After": str(exc.retry_after)})
         if isinstance(exc, errors.Unauthenticated):
             return ErrorAnswer(status_of(exc), exc.message, headers=UNAUTHENTICATED_HEADERS)

@@ -82,7 +82,7 @@ async def unfinished_jobs(services: Services, batch_id: str) -> list[JobRecord]:
     return [job for job in jobs if job.status not in FINAL_JOB_STATUSES]
 
 
-async def cancel_jobs(services: Services, jobs: Sequence[JobRecord]) -> int:
+async def cancel_each(services: Services, jobs: Sequence[JobRecord]) -> int:
     """Cancels those still queued or processing (a job being packaged is past canceling)."""
     count = 0
     for job in jobs:
@@ -103,7 +103,7 @@ async def enqueue(services: Services, project: str, batch_ids: list[str], priori
     await check_budget(services, project, configs)
     canceled = 0
     for batch in batches:
-        canceled += await cancel_jobs(services, await unfinished_jobs(services, batch.id))
+        canceled += await cancel_each(services, await unfinished_jobs(services, batch.id))
     job_ids = []
     for batch, config in zip(batches, configs, strict=True):
         accepted = await submit(services, project, config, budget_checked=True, batch_id=batch.id)
@@ -120,7 +120,7 @@ async def cancel_batches(services: Services, project: str, batch_ids: list[str] 
         canceled_batches: set[str] = set()
         count = 0
         for job in jobs:
-            done = await cancel_jobs(services, [job])
+            done = await cancel_each(services, [job])
             count += done
             if done and job.batch_id:
                 canceled_batches.add(job.batch_id)
@@ -128,7 +128,7 @@ async def cancel_batches(services: Services, project: str, batch_ids: list[str] 
     batches = [await services.saved_batches.find(project, batch_id) for batch_id in dict.fromkeys(batch_ids)]
     count = reset = 0
     for batch in batches:
-        done = await cancel_jobs(services, await unfinished_jobs(services, batch.id))
+        done = await cancel_each(services, await unfinished_jobs(services, batch.id))
         count += done
         reset += done > 0
     return count, reset

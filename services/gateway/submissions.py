@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fastapi import Response
+
 from services.gateway.deps import Services
 from services.gateway.quotes import check_budget
 from services.gateway.schemas.jobs import JobAccepted, JobLinks
@@ -120,6 +122,12 @@ async def resubmit(
     config = config or await services.store.config(job.id)
     batch_id = job.batch_id if job.batch_id and await services.redis.exists(keys.saved_batch(job.batch_id)) else None
     return await submit(services, project, config, retry_of=job.id, budget_checked=budget_checked, batch_id=batch_id)
+
+
+def located(response: Response, accepted: JobAccepted) -> JobAccepted:
+    """`accepted`, with the new job's address in the answer's Location header."""
+    response.headers["Location"] = f"/api/jobs/{accepted.id}"
+    return accepted
 
 
 def links(job_id: str) -> JobLinks:

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Body, Query, Response, status
 from pydantic import TypeAdapter
 
 from services.gateway.deps import ProjectDep, Services, ServicesDep
+from services.gateway.idempotency import IdempotentRoute, idempotent
 from services.gateway.job_views import status_view
 from services.gateway.schemas.batches import (
     BatchRequest,
@@ -17,20 +18,21 @@ from services.gateway.schemas.batches import (
 )
 from services.gateway.schemas.common import API_PROBLEMS, problems
 from services.gateway.schemas.jobs import JobAccepted
-from services.gateway.submissions import check, submit
+from services.gateway.submissions import check, located, submit
 from shared.errors import Conflict, NotFound
 from shared.models import JobRequest
 from shared.stores.saved_batches import SAVED_BATCH_NOT_FOUND, SavedBatch, column_id, shape_of
 from shared.times import utc
 
-router = APIRouter(prefix="/api/batches", tags=["batches"], responses=API_PROBLEMS)
+router = APIRouter(prefix="/api/batches", tags=["batches"], responses=API_PROBLEMS, route_class=IdempotentRoute)
 
 _job_config: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=SavedBatchView, responses=problems(409))
+@idempotent
 async def save_batch(
-    body: Annotated[BatchRequest, Body()], project: ProjectDep, services: ServicesDep
+    body: Annotated[BatchRequest, Body()], project: ProjectDep, services: ServicesDep, response: Response
 ) -> SavedBatchView:
     """Checked as POST /api/jobs checks a job (its uploads, limits, lane), stored, queued never:
     POST /api/batches/{id}/jobs queues it."""
@@ -38,6 +40,7 @@ async def save_batch(
     checked = await check(services, project, config)
     rows, columns = shape_of(checked.config)  # a dataset's inputs filled in
     batch = await services.saved_batches.save(project, config, body.name, rows, columns)
+    response.headers["Location"] = f"/api/batches/{batch.id}"
     return await _view(services, batch)
 
 
@@ -81,8 +84,13 @@ async def delete_batch(batch_id: str, project: ProjectDep, services: ServicesDep
 @router.post(
     "/{batch_id}/jobs", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, responses=problems(402, 404)
 )
+@idempotent
 async def queue_batch(
-    batch_id: str, project: ProjectDep, services: ServicesDep, body: Annotated[QueueFromBatch | None, Body()] = None
+    batch_id: str,
+    project: ProjectDep,
+    services: ServicesDep,
+    response: Response,
+    body: Annotated[QueueFromBatch | None, Body()] = None,
 ) -> JobAccepted:
     """A new job from the batch's definition, checked and queued as POST /api/jobs would."""
     batch = await services.saved_batches.find(project, batch_id)
@@ -91,7 +99,7 @@ async def queue_batch(
         if body is None or body.priority is None
         else batch.config.model_copy(update={"priority": body.priority})
     )
-    return await submit(services, project, config, batch_id=batch.id)
+    return located(response, await submit(services, project, config, batch_id=batch.id))
 
 
 async def _summary(services: Services, batch: SavedBatch) -> SavedBatchSummary:

@@ -3,15 +3,16 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, UploadFile, status
+from fastapi import APIRouter, File, Response, UploadFile, status
 
 from services.gateway.dataset_ingest import MAX_FILES, ingest
 from services.gateway.deps import ProjectDep, ServicesDep
+from services.gateway.idempotency import IdempotentRoute, idempotent
 from services.gateway.schemas.common import API_PROBLEMS, problems
 from services.gateway.schemas.datasets import DatasetCreated, DatasetView
 from shared.times import utc
 
-router = APIRouter(prefix="/api/datasets", tags=["datasets"], responses=API_PROBLEMS)
+router = APIRouter(prefix="/api/datasets", tags=["datasets"], responses=API_PROBLEMS, route_class=IdempotentRoute)
 
 
 @router.post(
@@ -28,19 +29,22 @@ router = APIRouter(prefix="/api/datasets", tags=["datasets"], responses=API_PROB
     ),
     form_limits={"max_files": MAX_FILES},
 )
+@idempotent
 async def create_dataset(
     files: Annotated[
         list[UploadFile], File(min_length=1, description="One .zip archive, or the image files themselves")
     ],
     project: ProjectDep,
     services: ServicesDep,
+    response: Response,
 ) -> DatasetCreated:
     accepted, rejected = await ingest(services, project, files)
     dataset = await services.datasets.save(project, accepted)
+    response.headers["Location"] = f"/api/datasets/{dataset.id}"
     return DatasetCreated(id=dataset.id, count=dataset.count, rejected=rejected, created_at=utc(dataset.created_at))
 
 
 @router.get("/{dataset_id}", response_model=DatasetView, responses=problems(404))
-async def dataset_details(dataset_id: str, project: ProjectDep, services: ServicesDep) -> DatasetView:
+async def get_dataset(dataset_id: str, project: ProjectDep, services: ServicesDep) -> DatasetView:
     dataset = await services.datasets.get(project, dataset_id)
     return DatasetView(id=dataset.id, count=dataset.count, created_at=utc(dataset.created_at))

@@ -1,8 +1,9 @@
 """/api/downloads: downloads of whole groups. Ask for one, then follow it to its link."""
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 
 from services.gateway.deps import ProjectDep, ServicesDep
+from services.gateway.idempotency import IdempotentRoute, idempotent
 from services.gateway.schemas.common import API_PROBLEMS, problems
 from services.gateway.schemas.downloads import DownloadAccepted, DownloadRequest, DownloadView, DownloadZip
 from shared.errors import NotFound
@@ -10,7 +11,7 @@ from shared.storage import Storage
 from shared.stores.downloads import DownloadRecord, DownloadStatus
 from shared.times import utc
 
-router = APIRouter(prefix="/api/downloads", tags=["downloads"], responses=API_PROBLEMS)
+router = APIRouter(prefix="/api/downloads", tags=["downloads"], responses=API_PROBLEMS, route_class=IdempotentRoute)
 
 
 @router.post(
@@ -19,17 +20,21 @@ router = APIRouter(prefix="/api/downloads", tags=["downloads"], responses=API_PR
     response_model=DownloadAccepted,
     responses=problems(404, described={404: "A group is not in this project"}),
 )
-async def request_download(body: DownloadRequest, project: ProjectDep, services: ServicesDep) -> DownloadAccepted:
+@idempotent
+async def request_download(
+    body: DownloadRequest, project: ProjectDep, services: ServicesDep, response: Response
+) -> DownloadAccepted:
     group_ids = list(dict.fromkeys(body.group_ids))
     for group_id in group_ids:
         if await services.groups.find(project, group_id) is None:
             raise NotFound(f"No such group in this project: {group_id}.")
     record = await services.downloads.create(project, group_ids)
+    response.headers["Location"] = f"/api/downloads/{record.id}"
     return DownloadAccepted(id=record.id, status=record.status)
 
 
 @router.get("/{download_id}", response_model=DownloadView, responses=problems(404))
-async def download_status(download_id: str, project: ProjectDep, services: ServicesDep) -> DownloadView:
+async def get_download(download_id: str, project: ProjectDep, services: ServicesDep) -> DownloadView:
     return _view(await services.downloads.get(project, download_id), services.storage)
 
 

@@ -132,7 +132,7 @@ SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
         **problems(404, described={404: JOB_NOT_FOUND}),
     },
 )
-async def job_events(
+async def watch_job_events(
     job_id: str,
     request: Request,
     project: ProjectDep,
@@ -152,7 +152,7 @@ async def job_events(
 
 
 @router.get("/api/events", response_class=StreamingResponse, responses=SSE_RESPONSES)
-async def project_events(
+async def watch_project_events(
     request: Request,
     project: ProjectDep,
     services: ServicesDep,

@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.gateway.deps import ProjectDep, Services, ServicesDep
 from services.gateway.document_style import DocumentRoute
+from services.gateway.idempotency import idempotent
 from services.gateway.job_views import JOB_NOT_FOUND, project_job, zip_info
 from services.gateway.schemas.common import document_problems
 from services.gateway.schemas.generations import GenerationView, RetryAccepted, RetryJob
@@ -61,9 +62,9 @@ NO_IMAGE = "Image file not available"
 
 router = APIRouter(
     prefix="/api/generations",
-    tags=["compatible: generations"],
+    tags=["generations"],
     route_class=DocumentRoute,
-    responses=document_problems(401, 503),
+    responses=document_problems(401, 422, 503),
 )
 
 
@@ -73,7 +74,7 @@ class NotCompleted(BunchError):
 
 
 @router.get("/{job_id}", response_model=GenerationView, responses=document_problems(404, 422))
-async def generation_status(
+async def get_generation(
     job_id: str,
     project: ProjectDep,
     services: ServicesDep,
@@ -102,6 +103,7 @@ async def generation_status(
     response_model=RetryAccepted,
     responses=document_problems(402, 404, 409, described={409: "The job is not failed or canceled"}),
 )
+@idempotent
 async def retry_generation(job_id: str, project: ProjectDep, services: ServicesDep) -> RetryAccepted:
     """A new job with the failed (or canceled) job's parameters, as POST /api/jobs/{id}/retry queues it."""
     job = await project_job(services.store, project, job_id)

@@ -15,11 +15,12 @@ from services.gateway.group_pages import (
     image_page,
     job_page,
 )
+from services.gateway.idempotency import IdempotentRoute, idempotent
 from services.gateway.schemas.common import API_PROBLEMS, problems
 from services.gateway.schemas.groups import GroupCreate, GroupDetails, GroupList, GroupSummary, GroupView
 from shared.times import iso, utc
 
-router = APIRouter(prefix="/api/groups", tags=["groups"], responses=API_PROBLEMS)
+router = APIRouter(prefix="/api/groups", tags=["groups"], responses=API_PROBLEMS, route_class=IdempotentRoute)
 
 
 @router.post(
@@ -28,8 +29,10 @@ router = APIRouter(prefix="/api/groups", tags=["groups"], responses=API_PROBLEMS
     response_model=GroupView,
     responses=problems(409, described={409: "A group of that name exists in the project"}),
 )
-async def create(body: GroupCreate, project: ProjectDep, services: ServicesDep) -> GroupView:
+@idempotent
+async def create_group(body: GroupCreate, project: ProjectDep, services: ServicesDep, response: Response) -> GroupView:
     group = await services.groups.create(project, body.name)
+    response.headers["Location"] = f"/api/groups/{group.id}"
     return GroupView(id=group.id, name=group.name, created_at=utc(group.created_at))
 
 
@@ -44,7 +47,7 @@ async def list_groups(project: ProjectDep, services: ServicesDep) -> GroupList:
 
 
 @router.get("/{group_id}", response_model=GroupDetails, responses=problems(404))
-async def group_details(
+async def get_group(
     group_id: str,
     project: ProjectDep,
     services: ServicesDep,

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Body, Query, Response, status
 from fastapi.responses import RedirectResponse
 
 from services.gateway.deps import ProjectDep, ServicesDep
+from services.gateway.idempotency import IdempotentRoute, idempotent
 from services.gateway.job_views import live_status_view, project_job, results_page, status_fields, status_view, zip_info
 from services.gateway.quotes import budget_of, check_budget, quote
 from services.gateway.schemas.common import API_PROBLEMS, problems
@@ -22,11 +23,11 @@ from services.gateway.schemas.jobs import (
     PriorityChange,
     RedoRequest,
 )
-from services.gateway.submissions import check, resubmit, submit
+from services.gateway.submissions import check, located, resubmit, submit
 from shared.errors import Conflict, Invalid
 from shared.models import FINAL_JOB_STATUSES, RETRYABLE_JOB_STATUSES, JobStatus
 
-router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=API_PROBLEMS)
+router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=API_PROBLEMS, route_class=IdempotentRoute)
 
 NOT_FOUND = problems(404)
 NOT_FOUND_OR_CONFLICT = problems(404, 409)
@@ -38,8 +39,11 @@ INDEX_PAGE = 200  # jobs read from the project's index per Redis call
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, responses=OVER_BUDGET)
 @router.post("/submit", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, include_in_schema=False)
-async def submit_job(config: Annotated[JobRequest, Body()], project: ProjectDep, services: ServicesDep) -> JobAccepted:
-    return await submit(services, project, config)
+@idempotent
+async def submit_job(
+    config: Annotated[JobRequest, Body()], project: ProjectDep, services: ServicesDep, response: Response
+) -> JobAccepted:
+    return located(response, await submit(services, project, config))
 
 
 # Before any /{job_id} route, so "quote" is never read as a job id.
@@ -88,12 +92,12 @@ async def list_jobs(
 
 
 @router.get("/{job_id}/status", response_model=JobStatusView, responses=NOT_FOUND)
-async def job_status(job_id: str, project: ProjectDep, services: ServicesDep) -> JobStatusView:
+async def get_job_status(job_id: str, project: ProjectDep, services: ServicesDep) -> JobStatusView:
     return await live_status_view(services.store, services.storage, project, job_id)
 
 
 @router.get("/{job_id}", response_model=JobView, responses=NOT_FOUND)
-async def job_details(job_id: str, project: ProjectDep, services: ServicesDep) -> JobView:
+async def get_job(job_id: str, project: ProjectDep, services: ServicesDep) -> JobView:
     job = await project_job(services.store, project, job_id)
     config = await services.store.config(job_id)
     fields = await status_fields(job, services.store, services.storage)
@@ -101,7 +105,7 @@ async def job_details(job_id: str, project: ProjectDep, services: ServicesDep) -
 
 
 @router.patch("/{job_id}", response_model=JobStatusView, responses=NOT_FOUND_OR_CONFLICT)
-async def change_priority(
+async def change_job_priority(
     job_id: str, change: PriorityChange, project: ProjectDep, services: ServicesDep
 ) -> JobStatusView:
     job = await project_job(services.store, project, job_id)
@@ -125,11 +129,12 @@ async def cancel_job(job_id: str, project: ProjectDep, services: ServicesDep) ->
     response_model=JobAccepted,
     responses={**NOT_FOUND_OR_CONFLICT, **OVER_BUDGET},
 )
-async def retry_job(job_id: str, project: ProjectDep, services: ServicesDep) -> JobAccepted:
+@idempotent
+async def retry_job(job_id: str, project: ProjectDep, services: ServicesDep, response: Response) -> JobAccepted:
     job = await project_job(services.store, project, job_id)
     if job.status not in RETRYABLE_JOB_STATUSES:
         raise Conflict(f"Only failed or canceled jobs can be retried; this one is {job.status.value}.")
-    return await resubmit(services, project, job)
+    return located(response, await resubmit(services, project, job))
 
 
 @router.post(
@@ -138,7 +143,8 @@ async def retry_job(job_id: str, project: ProjectDep, services: ServicesDep) -> 
     response_model=JobStatusView,
     responses={**NOT_FOUND_OR_CONFLICT, **OVER_BUDGET},
 )
-async def redo_images(job_id: str, redo: RedoRequest, project: ProjectDep, services: ServicesDep) -> JobStatusView:
+@idempotent
+async def redo_job_images(job_id: str, redo: RedoRequest, project: ProjectDep, services: ServicesDep) -> JobStatusView:
     job = await project_job(services.store, project, job_id)
     outside = [i for i in redo.indices if not 0 <= i < job.images_total]
     if outside:
@@ -154,7 +160,7 @@ async def redo_images(job_id: str, redo: RedoRequest, project: ProjectDep, servi
 
 
 @router.get("/{job_id}/results", response_model=JobResults, responses=NOT_FOUND)
-async def job_results(
+async def get_job_results(
     job_id: str,
     project: ProjectDep,
     services: ServicesDep,
@@ -182,7 +188,7 @@ async def job_results(
         **problems(404, 409, described={409: "The ZIP is not ready"}),
     },
 )
-async def download(job_id: str, project: ProjectDep, services: ServicesDep) -> RedirectResponse:
+async def download_job(job_id: str, project: ProjectDep, services: ServicesDep) -> RedirectResponse:
     job = await project_job(services.store, project, job_id)
     info = zip_info(job, services.storage)
     if not info.ready or info.url is None:

@@ -17,7 +17,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Liveness)
-async def healthz() -> Liveness:
+async def get_health() -> Liveness:
     return Liveness(status="ok")
 
 
@@ -26,7 +26,7 @@ async def healthz() -> Liveness:
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Redis or object storage is unreachable"}},
 )
-async def readyz(services: ServicesDep) -> JSONResponse:
+async def get_readiness(services: ServicesDep) -> JSONResponse:
     fraction, problem = None, None
     try:
         redis_ok = bool(await services.redis.ping())

@@ -9,9 +9,10 @@ from pydantic import Discriminator, Tag
 
 from services.gateway.deps import ProjectDep, Services, ServicesDep
 from services.gateway.document_style import EitherStyleRoute, body_style, check_project
+from services.gateway.idempotency import idempotent
 from services.gateway.queue_documents import (
     cancel_batches,
-    cancel_jobs,
+    cancel_each,
     document_metrics,
     document_stats,
     first_hour_of,
@@ -49,23 +50,22 @@ from shared.pricing import usd
 from shared.stores.upstream import Hold
 from shared.times import utc
 
-# The routes of this router both styles share take the style of each request
-# (services/gateway/document_style.py): errors too.
+# The routes of this router both styles share (retry, cancel, stats, metrics: the queue management
+# API has them too) take the style of each request (services/gateway/document_style.py): errors too.
 router = APIRouter(prefix="/api/queue", tags=["queue"], responses=EITHER_API_PROBLEMS, route_class=EitherStyleRoute)
 
-COMPATIBLE = "compatible: queue management"
 TimeRange = Literal["24h", "7d", "30d", "all"]
 
 
 @router.post("/pause", response_model=PauseState)
-async def pause(project: ProjectDep, services: ServicesDep) -> PauseState:
+async def pause_queue(project: ProjectDep, services: ServicesDep) -> PauseState:
     """Running runs finish; no new run of this project starts until resumed."""
     await services.store.set_paused(project, True)
     return PauseState(paused=True)
 
 
 @router.post("/resume", response_model=PauseState)
-async def resume(project: ProjectDep, services: ServicesDep) -> PauseState:
+async def resume_queue(project: ProjectDep, services: ServicesDep) -> PauseState:
     await services.store.set_paused(project, False)
     return PauseState(paused=False)
 
@@ -78,10 +78,8 @@ CancelBody = Annotated[
 ]
 
 
-@router.post(
-    "/cancel", response_model=CancelCount | CanceledDocument, responses=either_problems(404), tags=[COMPATIBLE]
-)
-async def cancel_many(
+@router.post("/cancel", response_model=CancelCount | CanceledDocument, responses=either_problems(404))
+async def cancel_jobs(
     body: Annotated[CancelBody, Body()], project: ProjectDep, services: ServicesDep
 ) -> CancelCount | CanceledDocument:
     """The named jobs (`job_ids`), or every queued and processing job of the project. In the
@@ -94,7 +92,7 @@ async def cancel_many(
         )
     job_ids = body.job_ids if body.job_ids is not None else await services.projects.live_job_ids(project)
     jobs = [job for job in await services.store.get_many(job_ids) if job.project == project]
-    return CancelCount(canceled_count=await cancel_jobs(services, jobs))
+    return CancelCount(canceled_count=await cancel_each(services, jobs))
 
 
 @router.post(
@@ -102,9 +100,9 @@ async def cancel_many(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=RetriedList | RetriedDocument,
     responses=either_problems(402, 404, 409),
-    tags=[COMPATIBLE],
 )
-async def retry_many(
+@idempotent
+async def retry_jobs(
     body: Annotated[RetryBody, Body()], project: ProjectDep, services: ServicesDep
 ) -> RetriedList | RetriedDocument:
     """One failed job, or every failed job of the project not retried yet; each retry is a job of
@@ -143,8 +141,8 @@ async def _retry_failed(services: Services, project: str, job_id: str | None) ->
     return retried
 
 
-@router.get("/stats", response_model=QueueStats | DocumentStats, responses=either_problems(404), tags=[COMPATIBLE])
-async def stats(
+@router.get("/stats", response_model=QueueStats | DocumentStats, responses=either_problems(404))
+async def get_queue_stats(
     project: ProjectDep,
     services: ServicesDep,
     project_id: Annotated[str | None, Query(alias="projectId", max_length=200)] = None,
@@ -207,10 +205,8 @@ def _runpod_workers(health: dict[str, Any] | None) -> RunPodWorkers | None:
     )
 
 
-@router.get(
-    "/metrics", response_model=QueueMetrics | DocumentMetrics, responses=either_problems(404), tags=[COMPATIBLE]
-)
-async def metrics(
+@router.get("/metrics", response_model=QueueMetrics | DocumentMetrics, responses=either_problems(404))
+async def get_queue_metrics(
     project: ProjectDep,
     services: ServicesDep,
     time_range: Annotated[TimeRange, Query()] = "24h",

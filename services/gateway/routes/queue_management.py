@@ -8,6 +8,7 @@ from fastapi import APIRouter, Body
 
 from services.gateway.deps import ProjectDep, ServicesDep
 from services.gateway.document_style import DocumentRoute, check_project
+from services.gateway.idempotency import idempotent
 from services.gateway.queue_documents import document_job, enqueue, redo_row
 from services.gateway.schemas.common import DOCUMENT_API_PROBLEMS, document_problems
 from services.gateway.schemas.queue_documents import (
@@ -20,13 +21,14 @@ from services.gateway.schemas.queue_documents import (
 
 router = APIRouter(
     prefix="/api/queue",
-    tags=["compatible: queue management"],
+    tags=["queue-management"],
     responses=DOCUMENT_API_PROBLEMS,
     route_class=DocumentRoute,
 )
 
 
 @router.post("/enqueue", response_model=Enqueued, responses=document_problems(402, 404))
+@idempotent
 async def enqueue_batches(
     body: Annotated[EnqueueRequest, Body()], project: ProjectDep, services: ServicesDep
 ) -> Enqueued:
@@ -42,11 +44,12 @@ async def enqueue_batches(
 
 
 @router.get("/status/{job_id}", response_model=QueueJobAnswer, responses=document_problems(404))
-async def job_status(job_id: str, project: ProjectDep, services: ServicesDep) -> QueueJobAnswer:
+async def get_queue_job_status(job_id: str, project: ProjectDep, services: ServicesDep) -> QueueJobAnswer:
     return QueueJobAnswer(job=await document_job(services, project, job_id))
 
 
 @router.post("/redo", response_model=Redone, responses=document_problems(402, 404, 409))
+@idempotent
 async def redo_cells(body: Annotated[RedoDocument, Body()], project: ProjectDep, services: ServicesDep) -> Redone:
     """Those columns of that row of the batch's latest job made again (services/gateway/queue_documents.redo_row)."""
     check_project(body.project_id, project)

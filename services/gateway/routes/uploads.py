@@ -5,13 +5,14 @@ from typing import Annotated
 from fastapi import APIRouter, File, UploadFile, status
 
 from services.gateway.deps import ProjectDep, ServicesDep
+from services.gateway.idempotency import IdempotentRoute, idempotent
 from services.gateway.images import CheckedImage, ImageRejected
 from services.gateway.intake import check_upload, read_limited, store_upload
 from services.gateway.schemas.common import API_PROBLEMS, problems
 from services.gateway.schemas.uploads import UploadsCreated
 from shared.errors import TooLarge
 
-router = APIRouter(prefix="/api", tags=["uploads"], responses=API_PROBLEMS)
+router = APIRouter(prefix="/api", tags=["uploads"], responses=API_PROBLEMS, route_class=IdempotentRoute)
 
 MAX_FILES = 100  # per request; /api/datasets takes more
 
@@ -24,6 +25,7 @@ MAX_FILES = 100  # per request; /api/datasets takes more
         413, 415, described={413: "A file over the size limit, an image with too many pixels, or too many files"}
     ),
 )
+@idempotent
 async def create_uploads(
     files: Annotated[list[UploadFile], File(min_length=1, description="PNG, JPEG, WEBP or HEIC/HEIF images")],
     project: ProjectDep,

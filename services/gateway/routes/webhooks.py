@@ -43,7 +43,7 @@ MAX_BODY = 1024 * 1024
         },
     ),
 )
-async def runpod_webhook(
+async def receive_runpod_webhook(
     request: Request, services: ServicesDep, token: str = Query("", max_length=512)
 ) -> WebhookAnswer:
     if not token:
@@ -77,6 +77,6 @@ async def runpod_webhook(
 
 
 @secrets_router.get("/secret", response_model=WebhookSecret)
-async def project_webhook_signing_secret(project: ProjectDep, services: ServicesDep) -> WebhookSecret:
+async def get_webhook_signing_secret(project: ProjectDep, services: ServicesDep) -> WebhookSecret:
     """The secret this project's webhook receivers verify `Bunch-Signature` with."""
     return WebhookSecret(secret=project_webhook_secret(services.settings, project))
