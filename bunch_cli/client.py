@@ -2,13 +2,14 @@
 
 import contextlib
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 
-from bunch_cli import __version__, sse
+from bunch_cli import __version__, retries, sse
 from bunch_cli.costs import refusal_text
 from bunch_cli.errors import CliError, ExitCode, exit_code_for_status
 
@@ -16,6 +17,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 UPLOAD_BATCH = 100  # POST /api/uploads takes at most 100 files per request
 
 Progress = Callable[[int], None]  # called with the number of bytes moved so far
+Notice = Callable[[str], None]  # told what is going on when a request is sent again
 
 
 def body_of(response: httpx.Response) -> dict[str, Any] | None:
@@ -40,9 +42,16 @@ def detail_of(response: httpx.Response) -> str:
 
 
 class BunchClient:
-    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        notice: Notice | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key or None
+        self.notice = notice
         headers = {"User-Agent": f"bunch-cli/{__version__}", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -97,17 +106,50 @@ class BunchClient:
             ExitCode.SERVER,
         )
 
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def request(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        """One request; with an Idempotency-Key `key` (one that creates something), sent again with
+        the same key while its answer is lost or says to come back (bunch_cli/retries.py)."""
         try:
-            response = self._http.request(method, path, **kwargs)
+            if key is None:
+                response = self._http.request(method, path, **kwargs)
+            else:
+                response = self._keyed(method, path, key, kwargs)
         except httpx.TransportError as exc:
             raise self.unreachable(exc) from None
         if response.status_code >= 400:
             raise self.error(response)
         return response
 
-    def json(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self.request(method, path, **kwargs)
+    def _keyed(self, method: str, path: str, key: str, kwargs: dict[str, Any]) -> httpx.Response:
+        headers = {**kwargs.pop("headers", {}), retries.IDEMPOTENCY_KEY_HEADER: key}
+        # Built once, so every attempt sends the very same bytes: a multipart body rebuilt each time
+        # would get a new boundary, and the gateway would take it for another request under that key.
+        request = self._http.build_request(method, path, headers=headers, **kwargs)
+        attempt = 1
+        while True:
+            _rewind(kwargs.get("files"))
+            try:
+                response = self._http.send(request)
+            except httpx.TransportError as exc:
+                wait = retries.wait_after_transport_error(attempt)
+                if wait is None:
+                    raise
+                reason = str(exc) or type(exc).__name__
+            else:
+                wait = retries.wait_before_retry(response, attempt)
+                if wait is None:
+                    return response
+                reason = f"HTTP {response.status_code}: {detail_of(response)}"
+            if self.notice is not None:
+                self.notice(
+                    f"{method} {path} got no usable answer ({reason}); sending it again with the same "
+                    f"Idempotency-Key in {wait:g} s (attempt {attempt + 1} of {retries.ATTEMPTS})."
+                )
+            time.sleep(wait)
+            attempt += 1
+
+    def json(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> Any:
+        response = self.request(method, path, key=key, **kwargs)
         try:
             return response.json()
         except ValueError:
@@ -130,13 +172,14 @@ class BunchClient:
     # --- the API --------------------------------------------------------------------------
 
     def upload_images(self, paths: Sequence[Path]) -> list[str]:
-        """POST /api/uploads in batches; the upload ids in the order of `paths`."""
+        """POST /api/uploads in batches (each a request of its own, with a key of its own); the
+        upload ids in the order of `paths`."""
         ids: list[str] = []
         for start in range(0, len(paths), UPLOAD_BATCH):
             batch = paths[start : start + UPLOAD_BATCH]
             with contextlib.ExitStack() as stack:
                 files = [("files", (path.name, stack.enter_context(path.open("rb")))) for path in batch]
-                body = self.json("POST", "/api/uploads", files=files, timeout=300)
+                body = self.json("POST", "/api/uploads", key=retries.new_key(), files=files, timeout=300)
             ids.extend(str(upload["id"]) for upload in body["uploads"])
         return ids
 
@@ -145,15 +188,17 @@ class BunchClient:
         with path.open("rb") as raw:
             file = ProgressReader(raw, progress)
             timeout = httpx.Timeout(60.0, connect=5.0, read=900.0)
-            body = self.json(
-                "POST", "/api/datasets", files=[("files", (path.name, file, "application/zip"))], timeout=timeout
-            )
+            files = [("files", (path.name, file, "application/zip"))]
+            body = self.json("POST", "/api/datasets", key=retries.new_key(), files=files, timeout=timeout)
         if not isinstance(body, dict):
             raise CliError(f"Unexpected answer from POST /api/datasets: {body!r}", ExitCode.SERVER)
         return body
 
-    def submit(self, body: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self.json("POST", "/api/jobs", json=body)
+    def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        """POST /api/jobs. The same `idempotency_key` with the same body within a day gets the first
+        job back instead of a new one; without one, a key is made for this submit."""
+        key = idempotency_key or retries.new_key()
+        result: dict[str, Any] = self.json("POST", "/api/jobs", key=key, json=body)
         return result
 
     def quote(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -201,8 +246,9 @@ class BunchClient:
         result: dict[str, Any] = self.json("POST", f"/api/jobs/{job_id}/cancel")
         return result
 
-    def retry(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.json("POST", f"/api/jobs/{job_id}/retry")
+    def retry(self, job_id: str, idempotency_key: str | None = None) -> dict[str, Any]:
+        key = idempotency_key or retries.new_key()
+        result: dict[str, Any] = self.json("POST", f"/api/jobs/{job_id}/retry", key=key)
         return result
 
     def queue_stats(self) -> dict[str, Any]:
@@ -258,6 +304,15 @@ class BunchClient:
         if total is not None and received != total:
             raise CliError(f"The ZIP arrived incomplete: {received} of {total} bytes.", ExitCode.SERVER)
         return received
+
+
+def _rewind(files: Any) -> None:
+    """Back to the start of every file object of a multipart body, for another attempt to send it
+    whole (httpx rewinds too when it renders the body; an attempt must not rely on that)."""
+    for _, value in files or ():
+        file = value[1] if isinstance(value, tuple) else value
+        if hasattr(file, "seek"):
+            file.seek(0)
 
 
 class ProgressReader:

@@ -87,7 +87,11 @@ class Config:
     api_key: str | None
 
     def client(self) -> BunchClient:
-        return BunchClient(self.url, self.api_key)
+        return BunchClient(self.url, self.api_key, notice=_notice)
+
+
+def _notice(text: str) -> None:
+    err.print(f"[yellow]{escape(text)}[/]", soft_wrap=True)
 
 
 def handled(func: Callable[P, R]) -> Callable[P, R]:

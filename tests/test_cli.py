@@ -5,19 +5,26 @@ import io
 import json
 import os
 import re
+import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
+import uuid
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
 from bunch_cli import sse
-from bunch_cli.errors import ExitCode
+from bunch_cli.client import BunchClient
+from bunch_cli.errors import CliError, ExitCode
 from bunch_cli.units import usd
 from deploy.processes import ROOT, free_port
 from deploy.stack import Stack
@@ -26,6 +33,7 @@ from tests.stack_helpers import QUICK_TIMERS, png_bytes, running_stack
 KEY = "cli-key"
 QUOTE_KEY = "cli-quote-key"  # a project of its own, whose job list the dry runs must leave empty
 POOR_KEY = "cli-poor-key"  # a project whose budget no job fits
+KEYS_KEY = "cli-keys-key"  # a project whose job count the tests of idempotent submits look at
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -33,7 +41,7 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 def stack() -> Iterator[Stack]:
     with running_stack(
         "bunch-cli-",
-        api_keys=f"{KEY}:cli,{QUOTE_KEY}:cli-quotes,{POOR_KEY}:cli-poor",
+        api_keys=f"{KEY}:cli,{QUOTE_KEY}:cli-quotes,{POOR_KEY}:cli-poor,{KEYS_KEY}:cli-keys",
         runpod_workers=8,
         runpod_args=("--webhook-retry-delay", "0.2"),
         service_env={
@@ -376,3 +384,199 @@ def test_a_job_over_the_budget_is_refused_with_its_figures(stack: Stack) -> None
     assert re.search(r"This job: \$0\.\d{4};", refused.stderr), refused.stderr
     listing = httpx.get(f"{stack.gateway_url}/api/jobs", headers={"Authorization": f"Bearer {POOR_KEY}"}).json()
     assert listing["jobs"] == []
+
+
+# --- idempotent submits: one key per request, sent again with it when the answer is lost ---------
+
+UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+@dataclass
+class Seen:
+    """One request as it reached the proxy, and what the gateway answered if it was let through."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    treatment: str
+    answer: bytes = b""
+
+    def answer_json(self) -> Any:
+        return json.loads(self.answer.split(b"\r\n\r\n", 1)[1])
+
+
+class FlakyProxy:
+    """A real TCP proxy in front of the gateway, one request per connection (it asks the gateway
+    for `Connection: close`, whose answer tells the client to open a new connection for the next).
+
+    `plan` maps "METHOD /path" to what its first requests get, in order, before the rest pass:
+    "drop" sends the request on, waits for the gateway's whole answer (so whatever it created
+    exists) and closes the client's connection without passing it on, an answer lost on the way;
+    "busy" answers 409 with Retry-After: 0 (the key's first request still running), "unavailable"
+    503 with Retry-After: 0, neither reaching the gateway. Every request is kept in `seen`."""
+
+    def __init__(self, upstream: str, plan: dict[str, list[str]]) -> None:
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        self.plan = {route: list(steps) for route, steps in plan.items()}
+        self.seen: list[Seen] = []
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                proxy.serve(self.request)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FlakyProxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+    def requests(self, method: str, path: str) -> list[Seen]:
+        with self.lock:
+            return [seen for seen in self.seen if (seen.method, seen.path) == (method, path)]
+
+    def serve(self, client: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = client.recv(65536)
+            if not chunk:
+                return  # the client went away (a keep-alive connection it never used)
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        headers = {
+            name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])
+        }
+        assert "chunked" not in headers.get("transfer-encoding", ""), "the CLI sends bodies of known length"
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = client.recv(65536)
+            assert chunk, "the client sent less than its Content-Length"
+            body += chunk
+        route = f"{method} {target.split('?')[0]}"
+        with self.lock:
+            steps = self.plan.get(route)
+            treatment = steps.pop(0) if steps else "pass"
+            seen = Seen(method, target.split("?")[0], headers, body, treatment)
+            self.seen.append(seen)
+        if treatment in ("busy", "unavailable"):
+            status = "409 Conflict" if treatment == "busy" else "503 Service Unavailable"
+            detail = json.dumps({"detail": f"proxy: {treatment}"}).encode()
+            client.sendall(
+                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(detail)}\r\n"
+                "Retry-After: 0\r\nConnection: close\r\n\r\n".encode()
+                + detail
+            )
+            return
+        kept = [line for line in lines[1:] if not line.lower().startswith(("connection:", "keep-alive:"))]
+        forwarded = "\r\n".join([lines[0], *kept, "Connection: close"]).encode() + b"\r\n\r\n" + body
+        with socket.create_connection(self.upstream, timeout=60) as upstream:
+            upstream.sendall(forwarded)
+            answer = b""
+            while chunk := upstream.recv(65536):
+                answer += chunk
+        seen.answer = answer
+        if treatment == "pass":
+            client.sendall(answer)
+        # "drop": the connection closes with nothing sent back; the client cannot tell whether the
+        # request ran.
+
+
+def job_count(stack: Stack, api_key: str) -> int:
+    listing = httpx.get(
+        f"{stack.gateway_url}/api/jobs", params={"limit": 200}, headers={"Authorization": f"Bearer {api_key}"}
+    )
+    assert listing.status_code == 200, listing.text
+    return len(listing.json()["jobs"])
+
+
+def test_the_same_key_and_body_get_the_first_job_back_and_another_body_is_refused(stack: Stack) -> None:
+    before = job_count(stack, KEYS_KEY)
+    body = {"mode": "semi_auto", "group": "cli-keys", "prompts": ["a brass key"], "images_per_prompt": 1}
+    key = str(uuid.uuid4())
+    with BunchClient(stack.gateway_url, KEYS_KEY) as client:
+        first = client.submit(body, idempotency_key=key)
+        again = client.submit(body, idempotency_key=key)
+        assert again == first and JOB_ID.match(first["id"])
+        with pytest.raises(CliError) as refused:
+            client.submit({**body, "prompts": ["a copper key"]}, idempotency_key=key)
+        assert refused.value.status == 422 and refused.value.exit_code == ExitCode.USAGE, refused.value.message
+        other = client.submit(body)  # a key of its own: a job of its own
+        assert other["id"] != first["id"]
+    assert job_count(stack, KEYS_KEY) == before + 2
+
+
+def test_a_submit_whose_answers_are_lost_or_refused_for_now_queues_one_job(stack: Stack, tmp_path: Path) -> None:
+    before = job_count(stack, KEYS_KEY)
+    ref = tmp_path / "key.png"
+    ref.write_bytes(png_bytes(seed=77))
+    plan = {"POST /api/uploads": ["drop"], "POST /api/jobs": ["busy", "drop", "unavailable"]}
+    with FlakyProxy(stack.gateway_url, plan) as proxy:
+        result = bunch(proxy.url, "submit", "semi-auto", "-p", "a lost answer", "-n", "2", "--ref", str(ref),
+                       api_key=KEYS_KEY)  # fmt: skip
+        job_id = ok(result).strip()
+        uploads, submits = proxy.requests("POST", "/api/uploads"), proxy.requests("POST", "/api/jobs")
+    assert [seen.treatment for seen in uploads] == ["drop", "pass"]
+    assert [seen.treatment for seen in submits] == ["busy", "drop", "unavailable", "pass"]  # 4 attempts: all there are
+    for attempts in (uploads, submits):
+        keys = {seen.headers.get("idempotency-key") for seen in attempts}
+        assert len(keys) == 1 and UUID4.match(str(next(iter(keys)))), keys
+        assert len({seen.body for seen in attempts}) == 1  # the very same request, file and boundary included
+    assert uploads[0].headers["idempotency-key"] != submits[0].headers["idempotency-key"]
+    assert result.stderr.count("sending it again with the same Idempotency-Key") == 4, result.stderr
+
+    # The upload and the job the lost answers told of are the ones the CLI went on with: nothing twice.
+    lost_upload = uploads[0].answer_json()["uploads"][0]["id"]
+    assert submits[1].answer_json()["id"] == job_id
+    assert json.loads(submits[3].body)["reference_ids"] == [lost_upload]
+    assert job_count(stack, KEYS_KEY) == before + 1
+
+
+def test_a_dataset_upload_whose_answer_is_lost_is_sent_again_whole(stack: Stack, tmp_path: Path) -> None:
+    before = job_count(stack, KEYS_KEY)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(2):
+        (folder / f"p{index}.png").write_bytes(png_bytes(32, 32, seed=80 + index))
+    with FlakyProxy(stack.gateway_url, {"POST /api/datasets": ["drop"], "POST /api/jobs": ["drop"]}) as proxy:
+        result = bunch(proxy.url, "submit", "auto", "-p", "as a mosaic", str(folder), api_key=KEYS_KEY)
+        job_id = ok(result).strip()
+        datasets, submits = proxy.requests("POST", "/api/datasets"), proxy.requests("POST", "/api/jobs")
+    assert [seen.treatment for seen in datasets] == ["drop", "pass"]
+    assert datasets[0].body == datasets[1].body and len(datasets[0].body) > 0  # the ZIP read again from its start
+    assert datasets[0].headers["idempotency-key"] == datasets[1].headers["idempotency-key"]
+    assert "2 image(s) accepted" in result.stderr, result.stderr
+    assert json.loads(submits[1].body)["dataset_id"] == datasets[0].answer_json()["id"]
+    assert submits[0].answer_json()["id"] == job_id and job_count(stack, KEYS_KEY) == before + 1
+
+
+def test_sending_again_is_bounded_and_refusals_are_not_sent_again(stack: Stack) -> None:
+    plan = {"POST /api/jobs": ["unavailable"] * 4}
+    with FlakyProxy(stack.gateway_url, plan) as proxy:
+        result = bunch(proxy.url, "submit", "semi-auto", "-p", "never", "-n", "1", api_key=KEYS_KEY)
+        assert result.returncode == ExitCode.SERVER, result
+        assert "The server failed on POST /api/jobs (HTTP 503): proxy: unavailable" in result.stderr, result.stderr
+        submits = proxy.requests("POST", "/api/jobs")
+        assert len(submits) == 4 and len({seen.headers["idempotency-key"] for seen in submits}) == 1
+
+        # A 409 without Retry-After (the job cannot be retried) and a 404 are answers, not failures.
+        missing = bunch(proxy.url, "retry", "0" * 32, api_key=KEYS_KEY)
+        assert missing.returncode == ExitCode.NOT_FOUND, missing
+        job_id = ok(bunch(proxy.url, "submit", "semi-auto", "-p", "a fine kite", "-n", "1", api_key=KEYS_KEY)).strip()
+        refused = bunch(proxy.url, "retry", job_id, api_key=KEYS_KEY)
+        assert refused.returncode == ExitCode.NOT_FOUND and "(HTTP 409)" in refused.stderr, refused
+        assert len(proxy.requests("POST", "/api/jobs/" + "0" * 32 + "/retry")) == 1
+        assert len(proxy.requests("POST", f"/api/jobs/{job_id}/retry")) == 1
+        assert "sending it again" not in missing.stderr + refused.stderr

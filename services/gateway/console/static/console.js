@@ -20,8 +20,22 @@ function overBudgetText(detail, b) {
     `${usd(b.remaining_usd)} left; the budget resets ${moment(b.resets_at)}.`;
 }
 
-async function api(path, { method = "GET", json, body } = {}) {
+// Every request that creates something (a job, an upload, a batch, a download, a retry, a redo) carries
+// an Idempotency-Key made when the person's action starts: the gateway answers a repeat of that key
+// with the first answer, so a request sent again never creates a second one. crypto.randomUUID exists
+// only in secure contexts (https, localhost); a console opened over plain http elsewhere makes its
+// UUIDv4 from getRandomValues, which every context has.
+function newKey() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40; b[8] = (b[8] & 0x3f) | 0x80;  // version 4, RFC 4122 variant
+  const hex = [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+async function api(path, { method = "GET", json, body, key } = {}) {
   const headers = { Authorization: `Bearer ${apiKey()}` };
+  if (key) headers["Idempotency-Key"] = key;
   if (json !== undefined) { headers["Content-Type"] = "application/json"; body = JSON.stringify(json); }
   const response = await fetch(path, { method, headers, body });
   if (response.status === 204) return null;
@@ -31,12 +45,14 @@ async function api(path, { method = "GET", json, body } = {}) {
   return data;
 }
 
-// fetch() cannot report upload progress; XMLHttpRequest can.
-function upload(path, formData, onProgress) {
+// fetch() cannot report upload progress; XMLHttpRequest can. An upload creates something: `key` is its
+// Idempotency-Key.
+function upload(path, formData, onProgress, key) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
     xhr.open("POST", path);
     xhr.setRequestHeader("Authorization", `Bearer ${apiKey()}`);
+    xhr.setRequestHeader("Idempotency-Key", key);
     xhr.upload.onprogress = (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total); };
     xhr.onload = () => {
       let data = null;
@@ -353,7 +369,7 @@ async function semiAutoPage() {
   const refs = uploadOnChoice([$("#references")], async (files) => {
     const data = new FormData();
     for (const file of files) data.append("files", file);
-    return (await upload("/api/uploads", data, () => {})).uploads.map((u) => u.id);
+    return (await upload("/api/uploads", data, () => {}, newKey())).uploads.map((u) => u.id);
   }, () => quotes.refresh());
   const referenceIds = () => (refs.pending ? refs.value : []);
   const copies = () => Number($("#copies").value) || 1;
@@ -376,7 +392,9 @@ async function semiAutoPage() {
     try {
       const body = await formBody();
       const n = copies();
-      for (let k = 0; k < n; k++) await api("/api/jobs", { method: "POST", json: body });
+      // Each copy is a job of its own, so a key of its own: one key for all would give the first job back n times.
+      const keys = Array.from({ length: n }, newKey);
+      for (const key of keys) await api("/api/jobs", { method: "POST", json: body, key });
       showNotice(message, `${n} ${body.lane === "batch" ? "batch " : ""}job${n > 1 ? "s" : ""} submitted.`);
       await refreshQueue();
     } catch (err) {
@@ -404,7 +422,7 @@ function saveAsBatch(formBody, batches) {
     try {
       const body = await formBody(), label = name.value.trim();
       // A blank name is left out, not sent as "": the API takes names of at least one character.
-      const batch = await api("/api/batches", { method: "POST", json: label ? { ...body, name: label } : body });
+      const batch = await api("/api/batches", { method: "POST", json: label ? { ...body, name: label } : body, key: newKey() });
       showNotice(message, `Saved ${batchTitle(batch)}: ${batchShape(batch)} (${batch.images} images), not queued.`);
       name.value = "";
       await batches.saved(batch);
@@ -473,7 +491,7 @@ function savedBatches({ onQueued }) {
   async function queue(batch, button) {
     button.disabled = true;
     try {
-      const job = await api(`/api/batches/${batch.id}/jobs`, { method: "POST", json: {} });
+      const job = await api(`/api/batches/${batch.id}/jobs`, { method: "POST", json: {}, key: newKey() });
       showNotice(message, `Queued ${batchTitle(batch)}: job ${job.id.slice(0, 8)}.`);
       onQueued();  // the budget has less left
       await Promise.all([refreshQueue(), refresh()]);
@@ -542,7 +560,8 @@ function fillRow(row, job) {
 
 async function control(jobId, action) {
   try {
-    await api(`/api/jobs/${jobId}/${action}`, { method: "POST" });
+    // A retry creates a job; a cancel creates nothing (a repeat is refused: the job is canceled already).
+    await api(`/api/jobs/${jobId}/${action}`, { method: "POST", key: action === "retry" ? newKey() : undefined });
     showNotice($("#queue-message"), action === "retry" ? "Retry submitted." : "Job canceled.");
     await refreshQueue();
   } catch (err) {
@@ -559,7 +578,7 @@ async function showJob(jobId) {
     const indices = [...document.querySelectorAll(".redo-pick:checked")].map((box) => Number(box.value));
     if (!indices.length) { showError($("#job-message"), new Error("Pick the images to redo first.")); return; }
     try {
-      await api(`/api/jobs/${jobId}/redo`, { method: "POST", json: { indices } });
+      await api(`/api/jobs/${jobId}/redo`, { method: "POST", json: { indices }, key: newKey() });
       showNotice($("#job-message"), `Redoing ${indices.length} image(s).`);
       await refreshQueue();
     } catch (err) {
@@ -593,7 +612,7 @@ async function automaticPage() {
     const bar = $("#upload-bar > span");
     bar.style.width = "0%";
     $("#rejected").textContent = "";
-    const uploaded = await upload("/api/datasets", data, (share) => { bar.style.width = `${Math.round(share * 100)}%`; });
+    const uploaded = await upload("/api/datasets", data, (share) => { bar.style.width = `${Math.round(share * 100)}%`; }, newKey());
     const rejected = uploaded.rejected.map((r) => `${r.name}: ${r.reason}`).join("\n");
     $("#rejected").textContent = rejected ? `Rejected:\n${rejected}` : "";
     return uploaded;
@@ -612,7 +631,7 @@ async function automaticPage() {
       const uploaded = await dataset.pending;
       const body = autoBody(form, uploaded.id);
       if (!body) throw new Error("Enter a base prompt.");
-      const job = await api("/api/jobs", { method: "POST", json: body });
+      const job = await api("/api/jobs", { method: "POST", json: body, key: newKey() });
       showNotice(message, `${uploaded.count} image(s) accepted; ${body.lane} job ${job.id.slice(0, 8)} started.`);
       watchJob(job.id);
     } catch (err) {
@@ -667,7 +686,7 @@ async function groupsPage() {
     const ids = [...document.querySelectorAll(".group-pick:checked")].map((box) => box.value);
     if (!ids.length) { showError(message, new Error("Pick at least one group.")); return; }
     try {
-      const { id } = await api("/api/downloads", { method: "POST", json: { group_ids: ids } });
+      const { id } = await api("/api/downloads", { method: "POST", json: { group_ids: ids }, key: newKey() });
       showNotice(message, "Building the download…");
       for (;;) {
         const download = await api(`/api/downloads/${id}`);
