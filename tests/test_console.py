@@ -12,21 +12,19 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, Request, async_playwright, expect
+from playwright.async_api import Browser, Page, Request, expect
 
 from deploy.processes import ROOT, scratch_dir
 from deploy.stack import Stack, start_stack
+from tests.chromium import chromium, needs_chromium
 from tests.stack_helpers import client, emulator, png_bytes
 
-CHROMIUM = "/usr/bin/chromium"
 KEY = "console-key"
 POOR_KEY = "console-poor-key"  # a project whose budget no job fits
 # Screenshots go to a scratch folder unless BUNCH_SCREENSHOTS names another (docs/screenshots).
 SHOTS = Path(os.environ.get("BUNCH_SCREENSHOTS", "")) if os.environ.get("BUNCH_SCREENSHOTS") else None
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"
-)
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +42,8 @@ def stack() -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
-        )
+    async with chromium() as browser:
         yield browser
-        await browser.close()
 
 
 @pytest.fixture

@@ -15,12 +15,12 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, Request, async_playwright, expect
+from playwright.async_api import Browser, Page, Request, expect
 
 from deploy.stack import Stack
+from tests.chromium import chromium, needs_chromium
 from tests.stack_helpers import QUICK_TIMERS, client, png_bytes, running_stack
 
-CHROMIUM = "/usr/bin/chromium"
 KEY = "cross-origin-key"
 CONSOLE_KEY = "cross-console-key"  # a project of its own for the console's submits
 # A name only this browser resolves (to the loopback): a plain-http origin that is no secure
@@ -29,9 +29,7 @@ INSECURE_HOST = "bunch-console.test"
 JOB = {"mode": "semi_auto", "group": "cross-origin", "prompts": ["a kite over the dunes"], "images_per_prompt": 2}
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"
-)
+pytestmark = needs_chromium
 
 # The front-end: what a browser app on another origin does with Bunch, as console.js does it.
 FRONT_END = b"""<!doctype html>
@@ -144,20 +142,8 @@ def stack(sites: tuple[StaticSite, StaticSite]) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                f"--host-resolver-rules=MAP {INSECURE_HOST} 127.0.0.1",
-            ],
-        )
+    async with chromium(f"--host-resolver-rules=MAP {INSECURE_HOST} 127.0.0.1") as browser:
         yield browser
-        await browser.close()
 
 
 async def page_at(browser: Browser, origin: str) -> Page:
