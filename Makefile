@@ -3,9 +3,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install dev test lint typecheck deploy-check check bench smoke image worker-image clean
+.PHONY: install install-ts dev test lint typecheck deploy-check check bench smoke image worker-image clean openapi
+
+TS_CLIENT := clients/typescript
 
 install: $(VENV)/.installed
+# The TypeScript client's packages (Node 20 and npm): what its tests in `make test` need, not `make dev`.
+install-ts: $(TS_CLIENT)/node_modules/.installed
 
 # requirements/dev.txt pins every package, the worker's and the services' included, with its hashes
 # (the images install their own locks, held to the same versions: requirements/README.md).
@@ -16,12 +20,17 @@ $(VENV)/.installed: pyproject.toml requirements/dev.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
+# The TypeScript client's packages, exactly as package-lock.json pins them (npm ci starts afresh).
+$(TS_CLIENT)/node_modules/.installed: $(TS_CLIENT)/package.json $(TS_CLIENT)/package-lock.json
+	npm --prefix $(TS_CLIENT) ci --no-audit --no-fund
+	touch $@
+
 # Your BUNCH_* variables and .env reach the services; DEV_ARGS="--port 8001 --redis-ha" for the stack.
 DEV_ARGS ?=
 dev: install  ## the whole stack on free ports: redis, S3 (moto), emulators, gateway, dispatcher, packager
 	$(BIN)/python -m deploy.stack $(DEV_ARGS)
 
-test: install  ## the test suite against real redis-server, S3 server and emulators
+test: install install-ts  ## the test suite against real redis-server, S3 server and emulators (and Node 20)
 	$(BIN)/pytest
 
 lint: install
@@ -30,6 +39,10 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy shared services deploy bench bunch_cli tests $(wildcard worker/*.py)
+
+openapi: install install-ts  ## docs/openapi.json from the gateway, then the TypeScript client's types from it
+	$(BIN)/python -m services.gateway.openapi_document
+	npm --prefix $(TS_CLIENT) run generate
 
 deploy-check:  ## compose, Dockerfiles and Kubernetes manifests against their schemas, linters and policies
 	bash deploy/checks/run
@@ -54,3 +67,4 @@ bench: install  ## every benchmark of bench/ (minutes; not part of make test): w
 
 clean:
 	rm -rf $(VENV) .venv-checks .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(TS_CLIENT)/node_modules $(TS_CLIENT)/dist $(TS_CLIENT)/dist-e2e
