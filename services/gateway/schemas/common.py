@@ -69,7 +69,7 @@ class OverBudgetProblem(Problem, BudgetFigures):
 
 
 _PROBLEMS: dict[int, str] = {
-    400: "The request body could not be read (not valid JSON or form data)",
+    400: "The request could not be read (a JSON body nested too deep, a malformed header)",
     401: "Missing or unknown API key",
     402: "Over the project's budget for this period (its figures in the body); nothing was stored",
     403: "Forbidden",
