@@ -166,7 +166,7 @@ async def test_a_multipart_upload_sent_again_with_a_new_boundary_is_the_same_req
 
 async def test_a_key_that_is_not_visible_ascii_or_too_long_is_a_400(api: httpx.AsyncClient) -> None:
     for key in ("", "a b", "x" * 256, "clé"):
-        response = await api.post("/api/groups", json={"name": "g"}, headers={"Idempotency-Key": key.encode()})
+        response = await api.post("/api/groups", json={"name": "g"}, headers={b"Idempotency-Key": key.encode()})
         assert response.status_code == 400, (key, response.text)
         assert "Idempotency-Key" in response.json()["detail"]
     # The IETF draft's quoted form is the same key.
