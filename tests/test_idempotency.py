@@ -10,8 +10,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from redis.asyncio import Redis
+from starlette.requests import Request
+from starlette.types import Message
 
 from services.gateway.app import create_app
+from services.gateway.request_fingerprint import ReadRequest
 from shared import keys
 from shared.settings import Settings
 from shared.stores.idempotency import Claimed, IdempotencyStore, KeyBusy
@@ -246,3 +249,31 @@ async def test_a_created_thing_has_its_location_in_the_answer_and_its_replays(ap
     group = await api.post("/api/groups", json={"name": "located"})
     assert group.headers["Location"] == f"/api/groups/{group.json()['id']}"
     assert (await api.get(group.headers["Location"])).status_code == 200
+
+
+@pytest.mark.parametrize("media_type", ["multipart/form-data; boundary=b0undary", "application/json"])
+async def test_a_body_has_one_fingerprint_however_the_network_cut_it(media_type: str) -> None:
+    if media_type.startswith("multipart"):
+        part = b'Content-Disposition: form-data; name="files"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+        body = b"--b0undary\r\n" + part + png_bytes(seed=3) + b"\r\n--b0undary--\r\n"
+    else:
+        body = b'{"mode": "semi_auto", "prompts": ["a red bicycle"], "images_per_prompt": 2}'
+
+    async def fingerprint(cut: int) -> str:
+        pieces = [body[at : at + cut] for at in range(0, len(body), cut)]
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": pieces.pop(0), "more_body": bool(pieces)}
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/api/uploads",
+            "query_string": b"",
+            "headers": [(b"content-type", media_type.encode())],
+        }
+        read = await ReadRequest.read(Request(scope, receive))
+        read.close()
+        return read.fingerprint
+
+    assert len({await fingerprint(cut) for cut in (1, 7, 100, len(body))}) == 1

@@ -23,26 +23,44 @@ REPLAY_CHUNK_BYTES = 64 * 1024
 
 class _PartsDigest:
     """Feeds a multipart body through python-multipart's streaming parser, hashing each part's
-    headers and content and never the boundary."""
+    headers and content and never the boundary. The parser hands a part's content over in pieces
+    cut wherever the network cut the body: the content is hashed as one stream and closed with its
+    length, so the same parts give the same digest however they arrived."""
 
     def __init__(self, digest: Any, boundary: bytes) -> None:
         self.digest = digest
+        # The header being read, name and value (the parser bounds their size).
+        self.name, self.value = bytearray(), bytearray()
+        self.part_bytes = 0
 
-        def add(marker: bytes) -> Any:
-            def callback(data: bytes, start: int, end: int) -> None:
-                self.digest.update(marker + len(data[start:end]).to_bytes(8, "big") + data[start:end])
+        def name_piece(data: bytes, start: int, end: int) -> None:
+            self.name += data[start:end]
 
-            return callback
+        def value_piece(data: bytes, start: int, end: int) -> None:
+            self.value += data[start:end]
 
-        def mark(marker: bytes) -> Any:
-            return lambda: self.digest.update(marker)
+        def header_end() -> None:
+            for text in (self.name, self.value):
+                self.digest.update(len(text).to_bytes(4, "big") + bytes(text))
+                text.clear()
+
+        def part_data(data: bytes, start: int, end: int) -> None:
+            piece = data[start:end]
+            self.part_bytes += len(piece)
+            self.digest.update(piece)
+
+        def part_end() -> None:
+            self.digest.update(b"E" + self.part_bytes.to_bytes(8, "big"))
+            self.part_bytes = 0
 
         callbacks: Any = {
-            "on_part_begin": mark(b"P"),
-            "on_header_field": add(b"F"),
-            "on_header_value": add(b"V"),
-            "on_part_data": add(b"D"),
-            "on_end": mark(b"E"),
+            "on_part_begin": lambda: self.digest.update(b"P"),
+            "on_header_field": name_piece,
+            "on_header_value": value_piece,
+            "on_header_end": header_end,
+            "on_headers_finished": lambda: self.digest.update(b"B"),
+            "on_part_data": part_data,
+            "on_part_end": part_end,
         }
         self.parser = MultipartParser(boundary, callbacks)
 
