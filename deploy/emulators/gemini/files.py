@@ -185,7 +185,8 @@ class FileStore:
     def add(
         self, file_id: str, mime_type: str, size: int, sha256: bytes, source: Source, display_name: str | None
     ) -> StoredFile:
-        now = time.time()
+        # Whole microseconds, as the API reports them: createTime and expirationTime then differ by exactly the TTL.
+        now = round(time.time(), 6)
         ttl = self.state.config.file_ttl_seconds
         self._seq += 1
         stored = StoredFile(
