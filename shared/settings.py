@@ -4,16 +4,19 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from shared.budgets import Budget, parse_budgets
+from shared.errors import Misconfigured
+from shared.export_destinations import Destination, Destinations, parse_destinations
 from shared.pricing import DEFAULT_GEMINI_PRICES, ModelPrices
 from shared.secret_files import SecretFiles
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BUNCH_", env_file=".env", extra="ignore")
+    _destinations: Destinations = PrivateAttr(default_factory=dict)
 
     @classmethod
     def settings_customise_sources(
@@ -290,6 +293,29 @@ class Settings(BaseSettings):
     # project uses one at a time) and at a lower CPU priority, so other requests keep the other cores.
     dataset_decode_threads: int = Field(1, ge=1)
 
+    # --- exports to the projects' own buckets (shared/export_destinations.py) ---
+    # JSON {"<project>": {"<name>": {"endpoint", "bucket", "prefix", "region", "access_key_id_env" |
+    # "access_key_id_file", "secret_access_key_env" | "secret_access_key_file"}}}; or a file's path
+    # in export_destinations_file instead (a mounted ConfigMap). Empty: no project can export.
+    export_destinations: str = ""
+    export_destinations_file: Path | None = None
+    # Exports one packager replica works on at once, and objects one export copies at once: an
+    # object in flight holds at most one image (or one multipart part) in memory.
+    export_workers: int = Field(4, ge=1)
+    export_concurrency: int = Field(8, ge=1, le=64)
+    # Exports one project may have queued or running (more get 429): a project that starts many
+    # takes at most this many of the export workers, and the other projects' exports go on beside.
+    export_max_active_per_project: int = Field(2, ge=1)
+    # Tries of one object's copy on connection errors, timeouts, 5xx and throttling, with backoff
+    # from export_backoff_seconds, doubling, before the object is reported failed with the reason.
+    export_object_attempts: int = Field(4, ge=1)
+    export_backoff_seconds: float = Field(0.5, ge=0)
+    # A job folder's manifest is manifest.json up to this many images, manifest.jsonl (written in
+    # pieces, one line per image) beyond.
+    export_manifest_json_max_images: int = Field(1000, ge=1)
+    # Per-object errors an export keeps to show (all are counted).
+    export_max_errors_kept: int = Field(1000, ge=1)
+
     # --- Redis memory ---
     # New jobs (and redos) are refused with 503 while Redis uses more than this fraction of its
     # maxmemory, so the work already accepted keeps room to finish (Redis runs with noeviction).
@@ -379,6 +405,27 @@ class Settings(BaseSettings):
                 f"{', '.join(sorted(self.gemini_prices)) or 'none'}): add them to BUNCH_GEMINI_PRICES"
             )
         return self
+
+    @model_validator(mode="after")
+    def _destinations_parse(self) -> "Settings":
+        # Read once, at start: a missing credential stops the service (exit 2) instead of one export.
+        text = self.export_destinations
+        if self.export_destinations_file is not None:
+            if text.strip():
+                both = "BUNCH_EXPORT_DESTINATIONS and BUNCH_EXPORT_DESTINATIONS_FILE"
+                raise Misconfigured(f"{both} are both set: keep one")
+            try:
+                text = self.export_destinations_file.read_text()
+            except OSError as exc:
+                raise Misconfigured(
+                    f"BUNCH_EXPORT_DESTINATIONS_FILE: cannot read {self.export_destinations_file}: {exc.strerror}"
+                ) from None
+        self._destinations = parse_destinations(text)
+        return self
+
+    def export_destinations_of(self, project: str) -> dict[str, Destination]:
+        """The project's export destinations by name, credentials read."""
+        return self._destinations.get(project, {})
 
     def project_for_key(self) -> dict[str, str]:
         """`BUNCH_API_KEYS` and the files of `BUNCH_API_KEYS_DIR` as {api_key: project}."""
