@@ -11,6 +11,7 @@ DEAD_LETTERS_STREAM = f"{PREFIX}:dead-letters"  # messages that failed max_deliv
 DOWNLOADS_STREAM = f"{PREFIX}:downloads"  # gateway -> packager: build a multi-group download ZIP
 NOTIFICATIONS_STREAM = f"{PREFIX}:notifications"  # a job with a webhook_url reached a final status
 CONTROL_STREAM = f"{PREFIX}:control"  # gateway -> dispatcher: cancel these RunPod runs
+EXPORTS_STREAM = f"{PREFIX}:exports"  # gateway -> packager: copy an export's images to its destination
 
 # Pub/Sub: a job was queued (published by shared/lua/create.lua). It carries no work: the job is
 # already in its project's queue, and a dispatcher that misses the message finds it on its next poll.
@@ -26,6 +27,7 @@ CONSUMED_STREAMS = (
     (CONTROL_STREAM, DISPATCHER_GROUP),
     (PACKAGING_STREAM, PACKAGER_GROUP),
     (DOWNLOADS_STREAM, PACKAGER_GROUP),
+    (EXPORTS_STREAM, PACKAGER_GROUP),
     (NOTIFICATIONS_STREAM, NOTIFIER_GROUP),
 )
 
@@ -216,6 +218,32 @@ def download(download_id: str) -> str:
     return f"{PREFIX}:download:{download_id}"
 
 
+def export(export_id: str) -> str:
+    """Hash: the export's request (id, project, destination, layout, ...), status and progress counts."""
+    return f"{PREFIX}:export:{export_id}"
+
+
+def export_done(export_id: str) -> str:
+    """Set of the objects ("<job_id>:<index>") an export has settled (copied, skipped or failed): each
+    is counted once however often the export is resumed. Deleted when the export ends."""
+    return f"{PREFIX}:export:{export_id}:done"
+
+
+def export_errors(export_id: str) -> str:
+    """List of JSON {object, job_id, index, reason}: the first settings.export_max_errors_kept failures."""
+    return f"{PREFIX}:export:{export_id}:errors"
+
+
+def project_exports(project: str) -> str:
+    """Zset export_id -> created_at: the project's exports, newest last."""
+    return f"{PREFIX}:project:{project}:exports"
+
+
+def project_active_exports(project: str) -> str:
+    """Set of the project's exports still queued or running (create_export.lua caps it)."""
+    return f"{PREFIX}:project:{project}:exports:active"
+
+
 def run(run_id: str) -> str:
     return f"{PREFIX}:run:{run_id}"
 
@@ -277,6 +305,7 @@ def download_object(download_id: str) -> str:
 
 # Downloads, datasets and retention (groups, datasets and downloads keys are above).
 DOWNLOADS_BY_TIME = f"{PREFIX}:downloads:by-time"  # zset download_id -> created_at, so old ones can be purged
+EXPORTS_BY_TIME = f"{PREFIX}:exports:by-time"  # zset export_id -> created_at, so old records can be purged
 PURGING = f"{PREFIX}:retention:purging"  # set of job ids whose records are gone but objects may remain
 DATASETS_BY_USE = f"{PREFIX}:datasets:by-use"  # zset dataset_id -> last time a job named it (or creation)
 UPLOADS_BY_USE = f"{PREFIX}:uploads:by-use"  # zset upload_id -> last time it was sent or a job named it

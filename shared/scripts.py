@@ -92,6 +92,7 @@ KEY_FUNCTIONS: dict[str, Callable[[str], str]] = {
     "saved_batch_key": keys.saved_batch,
     "saved_batch_jobs": keys.saved_batch_jobs,
     "project_saved_batches": keys.project_saved_batches,
+    "project_active_exports": keys.project_active_exports,
 }
 KEY_NAMES: dict[str, str] = {
     "RUNNING": keys.RUNNING,
@@ -121,6 +122,8 @@ KEY_NAMES: dict[str, str] = {
     "BATCH_SECONDS": keys.BATCH_SECONDS,
     "BUDGETS": keys.BUDGETS,
     "BUDGET_PAUSES": keys.BUDGET_PAUSES,
+    "EXPORTS": keys.EXPORTS_STREAM,
+    "EXPORTS_BY_TIME": keys.EXPORTS_BY_TIME,
 }
 
 
@@ -242,3 +245,7 @@ DELETE_SAVED_BATCH = load("delete_saved_batch")
 CLAIM_IDEMPOTENCY_KEY = load("claim_idempotency_key")
 ANSWER_IDEMPOTENCY_KEY = load("answer_idempotency_key")
 RELEASE_IDEMPOTENCY_KEY = load("release_idempotency_key")
+CREATE_EXPORT = load("create_export")
+START_EXPORT = load("start_export")
+SETTLE_EXPORT_OBJECT = load("settle_export_object")
+FINISH_EXPORT = load("finish_export")
