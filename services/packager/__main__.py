@@ -1,12 +1,14 @@
 """The packager process: `python -m services.packager`.
 
-Loops until SIGTERM: job ZIPs (PACKAGING_STREAM), group downloads (DOWNLOADS_STREAM), user
-webhooks (NOTIFICATIONS_STREAM), and the retention schedule (an in-process arq worker).
+Loops until SIGTERM: job ZIPs (PACKAGING_STREAM), group downloads (DOWNLOADS_STREAM), exports to
+the projects' buckets (EXPORTS_STREAM), user webhooks (NOTIFICATIONS_STREAM), and the retention
+schedule (an in-process arq worker).
 """
 
 from functools import partial
 
 from services.packager.downloads import DownloadBuilder
+from services.packager.exports.worker import Exporter
 from services.packager.notifier import run_notifier
 from services.packager.packaging import Packager
 from services.packager.retention import RetentionSchedule
@@ -55,10 +57,27 @@ async def main(settings: Settings) -> None:
         heartbeat=True,
         claim_idle_ms=settings.stream_claim_idle_ms,
     )
+    copier = Exporter(redis, store, storage, settings)
+    # Several consumers, one export each: a long export of one project never holds up another's.
+    exports = [
+        StreamConsumer(
+            redis,
+            keys.EXPORTS_STREAM,
+            keys.PACKAGER_GROUP,
+            f"{name}-export-{n}",
+            copier,
+            batch=1,
+            heartbeat=True,
+            claim_idle_ms=settings.stream_claim_idle_ms,
+        )
+        for n in range(settings.export_workers)
+    ]
     retention = RetentionSchedule(redis, storage, settings)
     notifier = partial(run_notifier, redis, settings, storage)
     wind_down = partial(writers.wind_down, grace_seconds=settings.packager_shutdown_grace_seconds)
-    await run_until_signalled([jobs.run, downloads.run, notifier, retention.run, wind_down])
+    loops = [jobs.run, downloads.run, *(consumer.run for consumer in exports), copier.wind_down]
+    await run_until_signalled([*loops, notifier, retention.run, wind_down])
+    copier.close()
     if exporter is not None:
         await exporter.cleanup()
     await redis.aclose()

@@ -1,4 +1,6 @@
-"""User webhooks: tell a job's `webhook_url` that the job ended, signed, retried with backoff.
+"""User webhooks: tell a job's `webhook_url` that the job ended, signed, retried with backoff (and
+an export's that the export ended: {"export_id"} messages, event "export.finished", the export's
+status, progress and error as GET /api/exports/{id} gives them).
 
 The job store XADDs {"job_id"} to keys.NOTIFICATIONS_STREAM when a job that has a `webhook_url`
 reaches completed, failed or canceled; `run_notifier` reads that stream (consumer group
@@ -46,6 +48,7 @@ from shared.archive import JobArchive
 from shared.models import FINAL_JOB_STATUSES
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.stores.exports import FINAL_EXPORT_STATUSES, ExportRecord, ExportStore
 from shared.stores.jobs import JobStore
 from shared.stores.records import JobRecord
 from shared.streams import StreamConsumer, consumer_name
@@ -56,6 +59,7 @@ from shared.webhook_signing import project_signing_secrets, signature_header
 log = logging.getLogger(__name__)
 
 EVENT = "job.finished"
+EXPORT_EVENT = "export.finished"
 SIGNATURE_HEADER = "Bunch-Signature"
 DELIVERY_HEADER = "Bunch-Delivery"
 EVENT_HEADER = "Bunch-Event"
@@ -123,6 +127,28 @@ def build_body(job: JobRecord, storage: Storage, settings: Settings) -> dict[str
     }
 
 
+def build_export_body(export: ExportRecord, settings: Settings) -> dict[str, Any]:
+    return {
+        "event": EXPORT_EVENT,
+        "id": f"{export.id}:{export.status.value}",
+        "created_at": iso(time.time()),
+        "export": {
+            "id": export.id,
+            "status": export.status.value,
+            "destination": export.destination,
+            "layout": export.layout.value,
+            "group_ids": export.group_ids,
+            "job_ids": export.job_ids,
+            "progress": export.progress(),
+            "error": export.error,
+            "created_at": iso(export.created_at),
+            "started_at": iso(export.started_at),
+            "completed_at": iso(export.completed_at),
+            "links": {"status": f"{settings.public_url}/api/exports/{export.id}"},
+        },
+    }
+
+
 # --- delivery ---
 
 
@@ -185,7 +211,10 @@ class Notifier:
         self._session: aiohttp.ClientSession | None = None
 
     async def __call__(self, fields: dict[str, str]) -> None:
-        await self.notify(fields["job_id"])
+        if "export_id" in fields:
+            await self.notify_export(fields["export_id"])
+        else:
+            await self.notify(fields["job_id"])
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -220,23 +249,7 @@ class Notifier:
             return None  # a redelivered message: this ending was already handled
         body = json.dumps(build_body(job, self.storage, self.settings), separators=(",", ":")).encode()
         outcome = await self.deliver(url, body, project_signing_secrets(self.settings, job.project), delivery)
-        await self._record(
-            keys=[keys.job(job_id)],
-            args=[
-                "webhook_status",
-                outcome.status,
-                "webhook_error",
-                outcome.error or "",
-                "webhook_attempts",
-                outcome.attempts,
-                "webhook_http_status",
-                outcome.http_status or "",
-                "webhook_delivery",
-                delivery,
-                "webhook_finished_at",
-                time.time(),
-            ],
-        )
+        await self._record(keys=[keys.job(job_id)], args=_outcome_fields(outcome, delivery))
         level = logging.INFO if outcome.status == DELIVERED else logging.WARNING
         log.log(
             level,
@@ -248,7 +261,22 @@ class Notifier:
         )
         return outcome
 
-    async def deliver(self, url: str, body: bytes, secrets: list[str], delivery: str) -> Outcome:
+    async def notify_export(self, export_id: str) -> Outcome | None:
+        """Deliver an ended export's webhook once; None when there is nothing (more) to send."""
+        export = await ExportStore(self.redis).find(export_id)
+        if export is None or export.status not in FINAL_EXPORT_STATUSES or not export.webhook_url:
+            return None
+        delivery = f"{export.id}:{export.status.value}"
+        if await self.redis.hget(keys.export(export_id), "webhook_delivery") == delivery:
+            return None  # a redelivered message: this ending was already handled
+        body = json.dumps(build_export_body(export, self.settings), separators=(",", ":")).encode()
+        secrets = project_signing_secrets(self.settings, export.project)
+        outcome = await self.deliver(export.webhook_url, body, secrets, delivery, EXPORT_EVENT)
+        await self._record(keys=[keys.export(export_id)], args=_outcome_fields(outcome, delivery))
+        log.info("webhook for export %s %s after %s attempt(s)", export_id, outcome.status, outcome.attempts)
+        return outcome
+
+    async def deliver(self, url: str, body: bytes, secrets: list[str], delivery: str, event: str = EVENT) -> Outcome:
         """POST `body` to `url` until it is accepted (2xx) or settings.user_webhook_attempts are used up.
 
         Connection errors, timeouts, 5xx and 429 are retried with exponential backoff (429/503
@@ -270,7 +298,7 @@ class Notifier:
                     "Content-Type": "application/json",
                     SIGNATURE_HEADER: signature_header(secrets, body, timestamp),
                     DELIVERY_HEADER: delivery,
-                    EVENT_HEADER: EVENT,
+                    EVENT_HEADER: event,
                 }
                 try:
                     async with self._http().post(url, data=body, headers=headers, allow_redirects=False) as response:
@@ -308,6 +336,15 @@ class Notifier:
         except TimeoutError:
             return
         raise NotifierStopping("shutting down; the delivery resumes from the stream later")
+
+
+def _outcome_fields(outcome: Outcome, delivery: str) -> list[Any]:
+    """A delivery's outcome, as the job's or export's hash records it."""
+    return [
+        *("webhook_status", outcome.status, "webhook_error", outcome.error or ""),
+        *("webhook_attempts", outcome.attempts, "webhook_http_status", outcome.http_status or ""),
+        *("webhook_delivery", delivery, "webhook_finished_at", time.time()),
+    ]
 
 
 def _retry_after(value: str | None) -> float | None:

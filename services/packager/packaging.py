@@ -33,6 +33,26 @@ VERIFY_CONCURRENCY = 8
 
 
 def manifest(job: JobRecord, config: JobConfig, images: dict[int, ImageRecord]) -> dict[str, Any]:
+    entries, failed = image_entries(config, images)
+    return {
+        "job_id": job.id,
+        "mode": job.mode,
+        "group": job.group,
+        "created_at": iso(job.created_at),
+        "packaged_at": iso(time.time()),
+        "config": config.model_dump(mode="json"),
+        "images_total": job.images_total,
+        "images": entries,
+        "failed": failed,
+        # What its runs cost, as recorded when each ended (the API's `cost`).
+        "cost": job.cost(),
+    }
+
+
+def image_entries(
+    config: JobConfig, images: dict[int, ImageRecord]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The manifest's entries of `images`: those that succeeded, and those that failed."""
     entries, failed = [], []
     for index in sorted(images):
         record, slot = images[index], planning.slot(config, index)
@@ -55,19 +75,7 @@ def manifest(job: JobRecord, config: JobConfig, images: dict[int, ImageRecord]) 
             )
         else:
             failed.append({**common, "error": record.error, "detail": record.detail})
-    return {
-        "job_id": job.id,
-        "mode": job.mode,
-        "group": job.group,
-        "created_at": iso(job.created_at),
-        "packaged_at": iso(time.time()),
-        "config": config.model_dump(mode="json"),
-        "images_total": job.images_total,
-        "images": entries,
-        "failed": failed,
-        # What its runs cost, as recorded when each ended (the API's `cost`).
-        "cost": job.cost(),
-    }
+    return entries, failed
 
 
 def zip_entries(images: dict[int, ImageRecord], manifest_json: bytes) -> Iterator[ZipEntry]:

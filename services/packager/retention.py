@@ -178,6 +178,29 @@ async def purge_expired_downloads(redis: Redis, storage: Storage, cutoff: float)
     return removed
 
 
+# --- exports ---
+
+
+async def purge_expired_exports(redis: Redis, cutoff: float) -> int:
+    """Forget exports created before `cutoff` (their objects are the project's, in its own bucket)."""
+    removed = 0
+    while export_ids := await redis.zrangebyscore(keys.EXPORTS_BY_TIME, "-inf", cutoff, start=0, num=PAGE):
+        async with redis.pipeline(transaction=False) as reads:
+            for export_id in export_ids:
+                reads.hget(keys.export(export_id), "project")
+            projects = await reads.execute()
+        async with redis.pipeline(transaction=True) as pipe:
+            for export_id, project in zip(export_ids, projects, strict=True):
+                pipe.delete(keys.export(export_id), keys.export_done(export_id), keys.export_errors(export_id))
+                pipe.zrem(keys.EXPORTS_BY_TIME, export_id)
+                if project:
+                    pipe.zrem(keys.project_exports(project), export_id)
+                    pipe.srem(keys.project_active_exports(project), export_id)
+            await pipe.execute()
+        removed += len(export_ids)
+    return removed
+
+
 async def purge_expired(redis: Redis, storage: Storage, settings: Settings, now: float) -> int:
     """Delete finished jobs whose completion is older than the retention, with their objects and
     index entries (and old downloads); returns the number of jobs removed."""
@@ -188,15 +211,17 @@ async def purge_expired(redis: Redis, storage: Storage, settings: Settings, now:
     for jobs_index in job_indexes:
         removed += await _purge_index(redis, storage, jobs_index, cutoff)
     downloads = await purge_expired_downloads(redis, storage, cutoff)
+    exports = await purge_expired_exports(redis, cutoff)
     for jobs_index in job_indexes:
         await _trim_hourly(redis, _project_of_index(jobs_index), cutoff)
     # After the jobs: the uploads only they named are free to go now.
     datasets = await purge_unused_datasets(redis, cutoff)
     uploads = await purge_unused_uploads(redis, storage, cutoff, now, job_indexes)
     log.info(
-        "retention: %s jobs, %s downloads, %s datasets and %s uploads older than %s days removed",
+        "retention: %s jobs, %s downloads, %s exports, %s datasets and %s uploads older than %s days removed",
         removed,
         downloads,
+        exports,
         datasets,
         uploads,
         settings.retention_days,
