@@ -22,6 +22,7 @@ CREATING = {
     ("post", "/api/datasets"),
     ("post", "/api/groups"),
     ("post", "/api/downloads"),
+    ("post", "/api/exports"),
     ("post", "/api/batches"),
     ("post", "/api/batches/{batch_id}/jobs"),
     ("post", "/api/queue/retry"),

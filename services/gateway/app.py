@@ -19,6 +19,7 @@ from services.gateway.routes import (
     datasets,
     downloads,
     events,
+    exports,
     generations,
     groups,
     jobs,
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(uploads.router)
     app.include_router(groups.router)
     app.include_router(downloads.router)
+    app.include_router(exports.router)
     app.include_router(datasets.router)
     app.include_router(batches.router)
     app.include_router(queue.router)

@@ -16,6 +16,7 @@ from shared.settings import Settings
 from shared.storage import Storage
 from shared.stores.datasets import DatasetStore
 from shared.stores.downloads import DownloadStore
+from shared.stores.exports import ExportStore
 from shared.stores.groups import GroupStore
 from shared.stores.idempotency import IdempotencyStore
 from shared.stores.jobs import JobStore
@@ -43,6 +44,7 @@ class Services:
     datasets: DatasetStore
     uploads: UploadStore
     downloads: DownloadStore
+    exports: ExportStore
     projects: ProjectStore
     saved_batches: SavedBatchStore
     idempotency: IdempotencyStore
@@ -60,6 +62,7 @@ class Services:
             datasets=DatasetStore(redis),
             uploads=UploadStore(redis),
             downloads=DownloadStore(redis),
+            exports=ExportStore(redis, settings.export_max_errors_kept, settings.export_max_active_per_project),
             projects=ProjectStore(redis),
             saved_batches=SavedBatchStore(redis, settings.project_max_saved_batches),
             idempotency=IdempotencyStore(redis, settings.idempotency_ttl_seconds, settings.idempotency_lock_seconds),

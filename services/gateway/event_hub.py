@@ -41,7 +41,11 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 FINAL = frozenset(s.value for s in FINAL_JOB_STATUSES)
-COUNTS = ("images_total", "images_succeeded", "images_failed", "runs_total", "runs_done")
+COUNTS = (
+    *("images_total", "images_succeeded", "images_failed", "runs_total", "runs_done"),
+    # An export's (type "export"); objects_total is "" until it is counted.
+    *("objects_total", "objects_done", "objects_copied", "objects_skipped", "objects_failed", "bytes_copied"),
+)
 READ_COUNT = 1000  # entries per XREAD
 STREAMS_RETRY_AFTER_S = 10  # what a refused stream is told: long-lived streams free a place rarely
 

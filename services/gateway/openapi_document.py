@@ -29,6 +29,7 @@ TAGS: list[dict[str, Any]] = [
     {"name": "datasets", "description": "The inputs of an automatic job at once: one ZIP or many files."},
     {"name": "groups", "description": "Named groups of jobs of a project."},
     {"name": "downloads", "description": "One ZIP of several groups' results, built on request."},
+    {"name": "exports", "description": "Jobs' and groups' images copied to a bucket of the project's own."},
     {"name": "batches", "description": "Saved job definitions, queued (again) later."},
     {"name": "queue", "description": "The project's queue: pause, resume, cancel, retry, its figures."},
     {"name": "events", "description": "Server-sent events of a job or of the whole project."},

@@ -51,6 +51,16 @@ REQUEST_EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
     "requestDownload": {
         "groups": _one("One ZIP of two groups", {"group_ids": [GROUP_ID, "2b4d6f8a0c1e3a5c7e9b0d2f4a6c8e0a"]})
     },
+    "createExport": {
+        "groups": _one(
+            "Two groups to the project's bucket, a folder per group",
+            {"destination": "archive", "group_ids": [GROUP_ID, OTHER_GROUP_ID]},
+        ),
+        "jobs": _one(
+            "One job's images in one folder, no manifest",
+            {"destination": "archive", "job_ids": [JOB_ID], "layout": "flat", "include_manifest": False},
+        ),
+    },
     "saveBatch": {"semi_auto": _one("A semi-automatic job saved under a name", {**_SEMI_AUTO, "name": "Sneakers"})},
     "queueBatch": {
         "as_saved": _one("Queue the batch as it was saved", {}),
