@@ -6,6 +6,7 @@
   distinctive secrets so that a leak into a log or an answer can be found by grepping for them.
 """
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -39,13 +40,28 @@ MAX_UPLOAD = 2 * MIB  # small, so the file over the limit is small too
 PRESIGN_SECONDS = 900  # distinctive, to find in every link
 
 
+UNREACHABLE_DESTINATION = {
+    "endpoint": "http://127.0.0.1:9",
+    "bucket": "project-b-exports",
+    "access_key_id_env": "EXPORT_KEY_ID",
+    "secret_access_key_env": "EXPORT_SECRET",
+}
+
+
 @pytest.fixture(scope="session")
 def api_stack() -> Iterator[Stack]:
     with running_stack(
         "bunch-security-api-",
         api_keys=API_KEYS,
         services=("gateway",),
-        service_env={"BUNCH_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "BUNCH_SSE_KEEPALIVE_SECONDS": "1"},
+        service_env={
+            "BUNCH_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+            "BUNCH_SSE_KEEPALIVE_SECONDS": "1",
+            # Never reached (no packager runs here): an export's record is what these tests walk.
+            "BUNCH_EXPORT_DESTINATIONS": json.dumps({"project-b": {"b-bucket": UNREACHABLE_DESTINATION}}),
+            "EXPORT_KEY_ID": "export-key-id",
+            "EXPORT_SECRET": "export-secret-never-shown",
+        },
     ) as stack:
         yield stack
 

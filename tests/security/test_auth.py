@@ -107,6 +107,9 @@ async def test_project_a_gets_404_for_every_resource_of_project_b(
     batch = await api_b.post("/api/batches", json=body)
     assert batch.status_code == 201, batch.text
     ids["batch_id"] = batch.json()["id"]
+    export = await api_b.post("/api/exports", json={"destination": "b-bucket", "group_ids": [group_b]})
+    assert export.status_code == 202, export.text
+    ids["export_id"] = export.json()["id"]
 
     walked = []
     for method, path in operations(await spec_of(api_stack)):
@@ -145,6 +148,8 @@ async def test_project_a_gets_404_for_every_resource_of_project_b(
     assert unknown_dataset.status_code == 422 and "Unknown dataset_id" in unknown_dataset.json()["detail"]
     other_group = await api_a.post("/api/downloads", json={"group_ids": [group_b]})
     assert other_group.status_code == 404
+    other_destination = await api_a.post("/api/exports", json={"destination": "b-bucket", "group_ids": [group_b]})
+    assert other_destination.status_code == 404 and "b-bucket" in other_destination.json()["detail"]
     canceled = await api_a.post("/api/queue/cancel", json={"job_ids": [job_b]})
     assert canceled.status_code == 200 and canceled.json()["canceled_count"] == 0
     retried = await api_a.post("/api/queue/retry", json={"job_id": job_b})

@@ -38,6 +38,12 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(api_stack: S
         f"Authorization: Bearer {KEY_A}",
         "--checks",
         "all",
+        # "Created resource not found" misreads idempotent replays: schemathesis sends a creating POST
+        # again with an Idempotency-Key it used before, the replay rightly answers the first creation's
+        # id (Stripe's rule) though a DELETE in between removed it (a group, say), and the 404 that
+        # follows is the truth. (The config file's switch for it is overridden by `--checks all`.)
+        "--exclude-checks",
+        "ensure_resource_availability",
         "--seed",
         SEED,
         "--max-failures",
