@@ -255,6 +255,27 @@ class BunchClient:
         result: dict[str, Any] = self.json("GET", "/api/queue/stats")
         return result
 
+    def groups(self) -> list[dict[str, Any]]:
+        """The project's groups (id, name, job_count)."""
+        body = self.json("GET", "/api/groups")
+        return list(body.get("groups") or []) if isinstance(body, dict) else []
+
+    def export_destinations(self) -> dict[str, Any]:
+        """GET /api/exports/destinations: the buckets the operator set up for this project."""
+        result: dict[str, Any] = self.json("GET", "/api/exports/destinations")
+        return result
+
+    def create_export(self, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        """POST /api/exports: copy groups' or jobs' images to a destination. Keyed like a submit:
+        sent again after a lost answer, it gets the first export back instead of a second copy."""
+        key = idempotency_key or retries.new_key()
+        result: dict[str, Any] = self.json("POST", "/api/exports", key=key, json=body)
+        return result
+
+    def export(self, export_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("GET", f"/api/exports/{export_id}")
+        return result
+
     @contextlib.contextmanager
     def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[Iterator[sse.Event]]:
         """The job's Server-Sent Events; the stream ends when the server closes it or goes quiet for 60 s."""

@@ -6,7 +6,7 @@ from typing import Any
 
 class ExitCode(IntEnum):
     OK = 0
-    JOB_FAILED = 1  # with --wait / watch: a job ended failed or canceled
+    JOB_FAILED = 1  # with --wait / watch / export: a job or an export ended failed or canceled
     USAGE = 2  # bad arguments, or a request the server refused as invalid (400, 413, 415, 422)
     AUTH = 3  # 401 / 403: a missing or wrong API key
     NOT_FOUND = 4  # 404 / 409: no such job (or route), or not possible in the job's state

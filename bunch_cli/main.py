@@ -1,10 +1,10 @@
 """`bunch`: submit, follow and fetch Bunch jobs from a terminal or a script.
 
-Exit codes: 0 ok; 1 a job ended failed or canceled (--wait, watch); 2 usage error or a request the
-server refused as invalid; 3 missing or wrong API key; 4 no such job, or not possible in its state;
-5 server unreachable or failing; 6 the job would cost more than is left of the project's budget
-(402). Messages go to stderr; what a script wants (job ids, tables, JSON)
-goes to stdout.
+Exit codes: 0 ok; 1 a job or an export ended failed or canceled (--wait, watch, export); 2 usage
+error or a request the server refused as invalid; 3 missing or wrong API key; 4 no such job (group,
+export destination), or not possible in its state; 5 server unreachable or failing; 6 the job would
+cost more than is left of the project's budget (402). Messages go to stderr; what a script wants
+(job ids, tables, JSON) goes to stdout.
 """
 
 import contextlib
@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -35,7 +36,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bunch_cli import __version__, costs, datasets
+from bunch_cli import __version__, costs, datasets, exports
 from bunch_cli.client import DEFAULT_URL, BunchClient
 from bunch_cli.errors import CliError, ExitCode, usage
 from bunch_cli.units import eta_text, usd
@@ -79,6 +80,11 @@ class Status(StrEnum):
 class Lane(StrEnum):
     realtime = "realtime"
     batch = "batch"
+
+
+class Layout(StrEnum):
+    by_group = "by_group"
+    flat = "flat"
 
 
 @dataclass(frozen=True)
@@ -592,6 +598,113 @@ def download(
         task = bar.add_task("download", total=None)
         size = client.download(job, sink, lambda done, total: bar.update(task, completed=done, total=total))
     err.print(f"Saved {size:,} bytes to {dest or 'stdout'}", soft_wrap=True)
+
+
+# --- exports ----------------------------------------------------------------------------------
+
+GROUP_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _group_ids(client: BunchClient, values: list[str]) -> list[str]:
+    """Group ids as given; a name (what `bunch jobs` shows) is looked up among the project's groups."""
+    names = [value for value in values if not GROUP_ID.match(value)]
+    by_name: dict[str, str] = {}
+    if names:
+        by_name = {str(group.get("name")): str(group.get("id")) for group in client.groups()}
+    ids = []
+    for value in values:
+        if GROUP_ID.match(value):
+            ids.append(value)
+        elif value in by_name:
+            ids.append(by_name[value])
+        else:
+            raise CliError(f"No such group in this project: {value!r}.", ExitCode.NOT_FOUND)
+    return list(dict.fromkeys(ids))
+
+
+@app.command("export")
+@handled
+def export(
+    ctx: typer.Context,
+    destination: Annotated[
+        str, typer.Option("--destination", "-d", help="A destination's name (see bunch export-destinations).")
+    ],
+    group: Annotated[
+        list[str] | None, typer.Option("--group", "-g", help="A group's id or name; repeat for several.")
+    ] = None,
+    job: Annotated[list[str] | None, typer.Option("--job", "-j", help="A job id; repeat for several.")] = None,
+    layout: Annotated[
+        Layout,
+        typer.Option(
+            "--layout", help="by_group: PREFIX/GROUP/JOB/00000.png. flat: PREFIX/JOB-00000.png.", show_default=True
+        ),
+    ] = Layout.by_group,
+    manifest: Annotated[
+        bool, typer.Option("--manifest/--no-manifest", help="Write each job's manifest.json beside its images.")
+    ] = True,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Follow the export and exit when it ends (1 if it failed).")
+    ] = True,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the server's JSON (the final view when waiting) instead of the id.")
+    ] = False,
+) -> None:
+    """Copy the images of groups or jobs into one of the project's own S3 buckets."""
+    if bool(group) == bool(job):
+        raise usage("Give either --group or --job (repeatable), not both and not neither.")
+    cfg = config(ctx)
+    with cfg.client() as client:
+        body: dict[str, Any] = {"destination": destination}
+        if group:
+            body["group_ids"] = _group_ids(client, group)
+        else:
+            body["job_ids"] = list(dict.fromkeys(job or []))
+        body["layout"] = layout.value
+        body["include_manifest"] = manifest
+        accepted = client.create_export(body)
+    export_id = str(accepted["id"])
+    if not as_json:
+        out.print(export_id, soft_wrap=True)
+    elif not wait:
+        out.print_json(json.dumps(accepted))
+    kind = "group_ids" if group else "job_ids"
+    what = f"{len(body[kind])} {kind.removesuffix('_ids')}(s)"
+    status = escape(str(accepted.get("status")))
+    err.print(f"Export [bold]{export_id}[/] of {what} to '{escape(destination)}': {status}.", soft_wrap=True)
+    if not wait:
+        err.print(f"It goes on on the server: GET /api/exports/{export_id} tells how far it is.", soft_wrap=True)
+        return
+    try:
+        view = exports.follow(cfg.client, export_id, err)
+    except KeyboardInterrupt:
+        err.print(f"Stopped following. Export {export_id} goes on on the server.", soft_wrap=True)
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    if as_json:
+        out.print_json(json.dumps(view))
+    for line in exports.summary(view):
+        err.print(line, soft_wrap=True)
+    raise typer.Exit(int(exports.exit_code(view)))
+
+
+@app.command("export-destinations")
+@handled
+def export_destinations(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """The buckets this project may export to (set up by the operator)."""
+    with config(ctx).client() as client:
+        body = client.export_destinations()
+    if as_json:
+        out.print_json(json.dumps(body))
+        return
+    destinations = body.get("destinations") or []
+    if not destinations:
+        err.print("No export destinations for this project: an operator sets them (BUNCH_EXPORT_DESTINATIONS).")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("NAME", "ENDPOINT", "BUCKET", "PREFIX"):
+        table.add_column(column, no_wrap=True)
+    for item in destinations:
+        table.add_row(*(escape(str(item.get(key) or "")) for key in ("name", "endpoint", "bucket", "prefix")))
+    out.print(table)
 
 
 @app.command("stats")

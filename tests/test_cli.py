@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from minio import Minio
 from PIL import Image
 
 from bunch_cli import sse
@@ -27,7 +28,7 @@ from bunch_cli.client import BunchClient
 from bunch_cli.errors import CliError, ExitCode
 from bunch_cli.units import usd
 from deploy.processes import ROOT, free_port
-from deploy.stack import Stack
+from deploy.stack import SERVICES, Stack
 from tests.stack_helpers import QUICK_TIMERS, png_bytes, running_stack
 
 KEY = "cli-key"
@@ -35,6 +36,21 @@ QUOTE_KEY = "cli-quote-key"  # a project of its own, whose job list the dry runs
 POOR_KEY = "cli-poor-key"  # a project whose budget no job fits
 KEYS_KEY = "cli-keys-key"  # a project whose job count the tests of idempotent submits look at
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+# Project cli's export destination: a bucket of its own on the stack's S3 server, reached with the
+# stack's credentials (Settings' defaults; moto takes any), named by environment variables.
+EXPORT_BUCKET = "cli-exports"
+EXPORT_CREDENTIALS = {"CLI_EXPORT_KEY_ID": "minioadmin", "CLI_EXPORT_SECRET": "minioadmin"}
+
+
+def export_destinations(s3_url: str) -> str:
+    archive = {
+        "endpoint": s3_url,
+        "bucket": EXPORT_BUCKET,
+        "prefix": "/bunch-out/",
+        "access_key_id_env": "CLI_EXPORT_KEY_ID",
+        "secret_access_key_env": "CLI_EXPORT_SECRET",
+    }
+    return json.dumps({"cli": {"archive": archive}})
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +64,15 @@ def stack() -> Iterator[Stack]:
             "BUNCH_MAX_CONCURRENCY": "5",
             **QUICK_TIMERS,
             "BUNCH_PROJECT_BUDGETS": "cli-poor:0.0001/day",
+            **EXPORT_CREDENTIALS,
         },
+        services=(),
     ) as stack:
+        # The destination's endpoint is the stack's S3 server, whose port is known once it runs:
+        # the services start after it is in their settings.
+        stack.service_env["BUNCH_EXPORT_DESTINATIONS"] = export_destinations(stack.s3_url)
+        for name in SERVICES:
+            stack.start_service(name)
         yield stack
 
 
@@ -580,3 +603,74 @@ def test_sending_again_is_bounded_and_refusals_are_not_sent_again(stack: Stack) 
         assert len(proxy.requests("POST", "/api/jobs/" + "0" * 32 + "/retry")) == 1
         assert len(proxy.requests("POST", f"/api/jobs/{job_id}/retry")) == 1
         assert "sending it again" not in missing.stderr + refused.stderr
+
+
+# --- exports to the project's own bucket ----------------------------------------------------------
+
+
+def export_bucket(stack: Stack) -> Minio:
+    minio = Minio(
+        stack.s3_url.removeprefix("http://"),
+        access_key="minioadmin",
+        secret_key="minioadmin",
+        secure=False,
+        region="us-east-1",
+    )
+    if not minio.bucket_exists(EXPORT_BUCKET):
+        minio.make_bucket(EXPORT_BUCKET)
+    return minio
+
+
+def exported(minio: Minio, prefix: str) -> list[str]:
+    return sorted(str(item.object_name) for item in minio.list_objects(EXPORT_BUCKET, prefix=prefix, recursive=True))
+
+
+def test_export_copies_a_groups_images_into_the_projects_bucket(stack: Stack) -> None:
+    minio = export_bucket(stack)
+    destinations = ok(bunch(stack.gateway_url, "export-destinations"))
+    row = next(line for line in destinations.splitlines() if line.startswith("archive"))
+    assert row.split() == ["archive", stack.s3_url, EXPORT_BUCKET, "bunch-out"], destinations
+    listed = json.loads(ok(bunch(stack.gateway_url, "export-destinations", "--json")))
+    assert listed == {
+        "destinations": [{"name": "archive", "endpoint": stack.s3_url, "bucket": EXPORT_BUCKET, "prefix": "bunch-out"}]
+    }
+
+    job_id = ok(
+        bunch(stack.gateway_url, "submit", "semi-auto", "-g", "cli-export", "-p", "a kettle", "-n", "3", "--wait")
+    ).strip()
+    by_group = bunch(stack.gateway_url, "export", "--destination", "archive", "--group", "cli-export")
+    export_id = ok(by_group).strip()
+    assert export_id and "\n" not in export_id, by_group.stdout
+    assert f"Export {export_id} completed: 4 copied, 0 skipped, 0 failed of 4 objects" in by_group.stderr  # + manifest
+    folder = f"bunch-out/cli-export/{job_id}/"
+    assert exported(minio, folder) == [f"{folder}{index:05d}.png" for index in range(3)] + [f"{folder}manifest.json"]
+
+    flat = bunch(
+        stack.gateway_url, "export", "-d", "archive", "--job", job_id, "--layout", "flat", "--no-manifest", "--json"
+    )
+    view = json.loads(ok(flat))
+    assert (view["status"], view["layout"], view["include_manifest"]) == ("completed", "flat", False), view
+    assert view["job_ids"] == [job_id] and view["progress"]["objects_failed"] == 0
+    assert exported(minio, f"bunch-out/{job_id}-") == [f"bunch-out/{job_id}-{index:05d}.png" for index in range(3)]
+
+    queued = bunch(stack.gateway_url, "export", "-d", "archive", "--job", job_id, "--no-wait")
+    later_id = ok(queued).strip()
+    assert later_id not in (export_id, view["id"]) and "Export " in queued.stderr and "completed" not in queued.stderr
+
+
+def test_export_refusals_exit_with_the_clis_codes(stack: Stack) -> None:
+    nowhere = bunch(stack.gateway_url, "export", "--destination", "nowhere", "--job", "0" * 32)
+    assert nowhere.returncode == ExitCode.NOT_FOUND and nowhere.stdout == "", nowhere
+    assert "No such export destination in this project: 'nowhere'." in nowhere.stderr, nowhere.stderr
+    assert "(HTTP 404)" in nowhere.stderr
+    assert "Traceback" not in nowhere.stderr
+    unknown = bunch(stack.gateway_url, "export", "-d", "archive", "--group", "0" * 32)
+    assert unknown.returncode == ExitCode.NOT_FOUND and "No such group in this project" in unknown.stderr, unknown
+    by_name = bunch(stack.gateway_url, "export", "-d", "archive", "--group", "no-such-group")
+    assert by_name.returncode == ExitCode.NOT_FOUND, by_name
+    assert "No such group in this project: 'no-such-group'" in by_name.stderr
+    for kinds in ((), ("--group", "a", "--job", "0" * 32)):
+        refused = bunch(stack.gateway_url, "export", "-d", "archive", *kinds)
+        assert refused.returncode == ExitCode.USAGE and "either --group or --job" in refused.stderr, refused
+    none = bunch(stack.gateway_url, "export-destinations", api_key=QUOTE_KEY)
+    assert ok(none) == "" and "No export destinations" in none.stderr
