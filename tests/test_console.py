@@ -2,6 +2,7 @@
 
 import asyncio
 import io
+import json
 import os
 import re
 import shutil
@@ -12,17 +13,22 @@ from typing import Any
 
 import httpx
 import pytest
+from minio import Minio
 from playwright.async_api import Browser, Page, Request, expect
 
 from deploy.processes import ROOT, scratch_dir
-from deploy.stack import Stack, start_stack
+from deploy.stack import SERVICES, Stack, start_stack
 from tests.chromium import chromium, needs_chromium
-from tests.stack_helpers import client, emulator, png_bytes
+from tests.stack_helpers import client, emulator, png_bytes, submit, wait_final
 
 KEY = "console-key"
 POOR_KEY = "console-poor-key"  # a project whose budget no job fits
 # Screenshots go to a scratch folder unless BUNCH_SCREENSHOTS names another (docs/screenshots).
 SHOTS = Path(os.environ.get("BUNCH_SCREENSHOTS", "")) if os.environ.get("BUNCH_SCREENSHOTS") else None
+# Project console's export destination: a bucket of its own on the stack's S3 server (moto takes
+# any credentials; these are Settings' defaults), the credentials named by environment variables.
+EXPORT_BUCKET = "console-exports"
+EXPORT_CREDENTIALS = {"CONSOLE_EXPORT_KEY_ID": "minioadmin", "CONSOLE_EXPORT_SECRET": "minioadmin"}
 
 pytestmark = needs_chromium
 
@@ -33,8 +39,30 @@ def stack() -> Iterator[Stack]:
     stack = start_stack(
         workdir,
         api_keys=f"{KEY}:console,{POOR_KEY}:console-poor",
-        service_env={"BUNCH_MAX_CONCURRENCY": "4", "BUNCH_PROJECT_BUDGETS": "console-poor:0.0001/month"},
+        service_env={
+            "BUNCH_MAX_CONCURRENCY": "4",
+            "BUNCH_PROJECT_BUDGETS": "console-poor:0.0001/month",
+            **EXPORT_CREDENTIALS,
+        },
+        services=(),
     )
+    try:
+        # The destination's endpoint is the stack's S3 server, whose port is known once it runs:
+        # the services start after it is in their settings.
+        archive = {
+            "endpoint": stack.s3_url,
+            "bucket": EXPORT_BUCKET,
+            "prefix": "console-out",
+            "access_key_id_env": "CONSOLE_EXPORT_KEY_ID",
+            "secret_access_key_env": "CONSOLE_EXPORT_SECRET",
+        }
+        stack.service_env["BUNCH_EXPORT_DESTINATIONS"] = json.dumps({"console": {"archive": archive}})
+        for name in SERVICES:
+            stack.start_service(name)
+    except BaseException:
+        stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     yield stack
     stack.stop()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -176,6 +204,58 @@ async def test_groups_page_downloads_several_groups(page: Page, stack: Stack, tm
     await page.locator("tr", has_text="north").locator("text=View").click()
     await expect(page.locator("#group-thumbs .thumb img")).to_have_count(2)
     await screenshot(page, "groups.png", tmp_path)
+
+
+def export_bucket(stack: Stack) -> Minio:
+    minio = Minio(
+        stack.s3_url.removeprefix("http://"),
+        access_key="minioadmin",
+        secret_key="minioadmin",
+        secure=False,
+        region="us-east-1",
+    )
+    if not minio.bucket_exists(EXPORT_BUCKET):
+        minio.make_bucket(EXPORT_BUCKET)
+    return minio
+
+
+async def test_groups_page_exports_a_group_to_the_projects_bucket(
+    page: Page, browser: Browser, stack: Stack, tmp_path: Path
+) -> None:
+    minio = await asyncio.to_thread(export_bucket, stack)
+    async with client(stack, KEY) as api:
+        job_id = await submit(
+            api, {"mode": "semi_auto", "group": "bucket-bound", "prompts": ["a brass owl"], "images_per_prompt": 2}
+        )
+        assert (await wait_final(api, job_id, stack))["status"] == "completed"
+    await page.goto("/groups")
+    start = page.locator("#export-groups")
+    await expect(start).to_be_enabled()
+    await expect(page.locator("#export-hint")).to_be_hidden()
+    await page.locator("tr", has_text="bucket-bound").locator(".group-pick").check()
+    await start.click()
+    await expect(page.locator("#export-destination")).to_have_value("archive")
+    await expect(page.locator("#export-manifest")).to_be_checked()
+    await page.click("#export-start")
+    await expect(page.locator("#export-message")).to_contain_text("of 1 group(s) to archive started.")
+    await expect(page.locator("#export-status")).to_have_text("completed", timeout=30_000)
+    await expect(page.locator("#export-counts")).to_contain_text(" copied · 0 skipped · 0 failed · ")
+    await expect(page.locator("#export-errors li")).to_have_count(0)
+    folder = f"console-out/bucket-bound/{job_id}/"
+    names = await asyncio.to_thread(
+        lambda: [str(o.object_name) for o in minio.list_objects(EXPORT_BUCKET, folder, recursive=True)]
+    )
+    assert sorted(names) == [f"{folder}00000.png", f"{folder}00001.png", f"{folder}manifest.json"], names
+    await screenshot(page, "exports.png", tmp_path)
+
+    # A project without destinations is told why the action is off.
+    context = await browser.new_context(base_url=stack.gateway_url)
+    await context.add_init_script(f"localStorage.setItem('bunch.apiKey', '{POOR_KEY}')")
+    other = await context.new_page()
+    await other.goto("/groups")
+    await expect(other.locator("#export-hint")).to_be_visible()
+    await expect(other.locator("#export-groups")).to_be_disabled()
+    await context.close()
 
 
 async def test_a_wrong_key_is_explained(browser: Browser, stack: Stack) -> None:

@@ -704,6 +704,95 @@ async function groupsPage() {
       showError(message, err);
     }
   });
+  exportGroups();
+}
+
+// --- exports of the selected groups to one of the project's own buckets ---
+
+function bytes(n) {
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let value = n || 0, unit = 0;
+  while (value >= 1000 && unit < units.length - 1) { value /= 1000; unit++; }
+  return unit ? `${value.toFixed(1)} ${units[unit]}` : `${value} B`;
+}
+
+// The action is offered only when the operator set up destinations for the project; the export's
+// progress is then polled every second until it ends (a newer export takes over the panel).
+async function exportGroups() {
+  const open = $("#export-groups"), hint = $("#export-hint"), panel = $("#export-panel"), form = $("#export-form");
+  const select = $("#export-destination"), message = $("#export-message"), start = $("#export-start");
+  let destinations = [];
+  try {
+    ({ destinations } = await api("/api/exports/destinations"));
+  } catch (err) {
+    // A gateway without exports has none to offer; a wrong key already shows on the groups list.
+  }
+  if (!destinations.length) { hint.hidden = false; open.title = hint.textContent; return; }
+  select.replaceChildren(...destinations.map((d) =>
+    el("option", { value: d.name }, `${d.name} — ${d.bucket}${d.prefix ? `/${d.prefix}` : ""} (${d.endpoint})`)));
+  open.disabled = false;
+  open.addEventListener("click", () => { panel.hidden = false; select.focus(); });
+  $("#export-close").addEventListener("click", () => { panel.hidden = true; });
+  let latest = 0;
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const ids = [...document.querySelectorAll(".group-pick:checked")].map((box) => box.value);
+    if (!ids.length) { showError(message, new Error("Pick at least one group.")); return; }
+    const body = {
+      destination: select.value, group_ids: ids, include_manifest: $("#export-manifest").checked,
+      layout: $("input[name=export-layout]:checked", form).value,
+    };
+    start.disabled = true;
+    try {
+      const created = await api("/api/exports", { method: "POST", json: body, key: newKey() });
+      showNotice(message, `Export ${created.id.slice(0, 8)} of ${ids.length} group(s) to ${body.destination} started.`);
+      const mine = ++latest;
+      watchExport(created.id, () => mine === latest);
+    } catch (err) {
+      showError(message, err);
+    } finally {
+      start.disabled = false;
+    }
+  });
+}
+
+async function watchExport(exportId, current) {
+  $("#export-progress").hidden = false;
+  const problem = $("#export-error");
+  for (let failures = 0; current();) {
+    try {
+      const view = await api(`/api/exports/${exportId}`);
+      failures = 0;
+      if (!current()) return;
+      showExport(view);
+      if (FINAL.has(view.status)) return;
+    } catch (err) {
+      if (!current()) return;
+      showError(problem, err);
+      problem.hidden = false;
+      // A refusal (the export is gone, the key changed) stays one; a network blip or a 5xx may pass.
+      if ((err.status >= 400 && err.status < 500) || ++failures > 60) return;
+    }
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+}
+
+function showExport(view) {
+  const p = view.progress, total = p.objects_total;
+  const known = total !== null && total !== undefined;
+  $("#export-status").replaceChildren(el("span", { class: `status ${view.status}` }, view.status));
+  $("#export-counts").textContent = `${known ? `${p.objects_done}/${total} objects` : "counting the objects…"} · ` +
+    `${p.objects_copied} copied · ${p.objects_skipped} skipped · ${p.objects_failed} failed · ${bytes(p.bytes_copied)}`;
+  const share = (n) => `${total ? (100 * n) / total : 0}%`;
+  $("#export-bar").replaceChildren(el("div", { class: "bar", title: `${p.objects_done} of ${known ? total : "?"} objects` },
+    el("span", { width: share(p.objects_done) }), el("span", { class: "failed", width: share(p.objects_failed) })));
+  const problem = $("#export-error");
+  problem.textContent = view.error || "";
+  problem.className = "error";
+  problem.hidden = !view.error;
+  const items = (view.errors || []).map((e) => el("li", {}, `${e.object || `job ${e.job_id} image ${e.index}`}: ${e.reason}`));
+  if (view.errors_truncated) items.push(el("li", { class: "hint" }, "More objects failed than are listed here."));
+  $("#export-errors").replaceChildren(...items);
 }
 
 // A group's images come in pages like a job's results: "Show more" appends the next one. A page
