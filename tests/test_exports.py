@@ -221,8 +221,9 @@ async def test_two_groups_arrive_laid_out_by_group_with_checksums_and_manifests(
     clear(destination, "team-a")
     cats_3, cats_2, dogs = finished["jobs"]
     events: list[dict[str, Any]] = []
-    listener = asyncio.create_task(collect_export_events(stack, events))
-    await asyncio.sleep(0.3)  # the stream is open before the export starts
+    subscribed = asyncio.Event()
+    listener = asyncio.create_task(collect_export_events(stack, events, subscribed))
+    await asyncio.wait_for(subscribed.wait(), 30)
     export_id = await start_export(api, destination="archive", group_ids=[finished["cats"], finished["dogs"]])
     view = await wait_export(api, export_id)
     assert view["status"] == "completed", view
@@ -334,10 +335,14 @@ def project_webhook_secret_of(stack: Stack, project: str) -> str:
 
 
 async def test_wrong_credentials_or_a_missing_bucket_fail_every_object_with_the_reason(
-    api: httpx.AsyncClient, finished: dict[str, Any]
+    api: httpx.AsyncClient, finished: dict[str, Any], destination: DestinationServer
 ) -> None:
     for name, reason in (("wrong-key", "refused the credentials"), ("no-bucket", "does not exist")):
-        view = await wait_export(api, await start_export(api, destination=name, group_ids=[finished["cats"]]))
+        export_id = await start_export(api, destination=name, group_ids=[finished["cats"]])
+        view = await wait_export(api, export_id)
+        shown = (await api.get(f"/api/exports/{export_id}")).text + (await api.get("/api/exports")).text
+        for secret in (destination.secret_key, destination.access_key, WRONG_SECRET):
+            assert secret not in shown
         assert view["status"] == "failed" and reason in view["error"], view
         progress = view["progress"]
         assert progress["objects_failed"] == progress["objects_total"] == progress["objects_done"] == 6
@@ -414,12 +419,13 @@ async def test_cancel_stops_an_export_and_a_project_may_have_two_under_way(
 # --- the project's event stream ---
 
 
-async def collect_export_events(stack: Stack, events: list[dict[str, Any]]) -> None:
+async def collect_export_events(stack: Stack, events: list[dict[str, Any]], ready: asyncio.Event) -> None:
     async with client(stack, KEY_A) as api, api.stream("GET", "/api/events", timeout=None) as response:
         kind = ""
         async for line in response.aiter_lines():
             if line.startswith("event: "):
                 kind = line.removeprefix("event: ")
+                ready.set()  # the snapshot: the stream is subscribed, later events reach it
             elif line.startswith("data: ") and kind == "export":
                 events.append(json.loads(line.removeprefix("data: ")))
 
