@@ -23,6 +23,7 @@ BENCHMARKS = [
     "redis_wait",
     "worker_seconds",
     "lanes",
+    "exports",
 ]
 QUICK = {
     "dispatch": ["--runs", "400", "--jobs", "4"],
@@ -35,6 +36,7 @@ QUICK = {
     "redis_wait": ["--runs", "400", "--rounds", "2", "--stall-seconds", "2"],
     "worker_seconds": ["--images", "64", "--latency-ms", "500", "--jitter-ms", "1000"],
     "lanes": ["--inputs", "20", "--variations", "2", "--batch-seconds", "2"],
+    "exports": ["--objects", "80", "--large", "1000", "--reps", "1"],
 }
 
 
