@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+from minio import Minio
 from PIL import Image
 from redis.asyncio import Redis
 
@@ -54,6 +55,20 @@ async def upload(api: httpx.AsyncClient, images: list[bytes]) -> list[str]:
     response = await api.post("/api/uploads", files=files)
     assert response.status_code == 201, response.text
     return [u["id"] for u in response.json()["uploads"]]
+
+
+async def create_group(api: httpx.AsyncClient, name: str) -> str:
+    response = await api.post("/api/groups", json={"name": name})
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def stack_bucket(stack: Stack, bucket: str) -> Minio:
+    """A client of the stack's own S3 server (its default credentials), with `bucket` made."""
+    minio = Minio(stack.s3_url.removeprefix("http://"), access_key="minioadmin", secret_key="minioadmin", secure=False)
+    if not minio.bucket_exists(bucket):
+        minio.make_bucket(bucket)
+    return minio
 
 
 async def submit(api: httpx.AsyncClient, body: dict[str, Any]) -> str:

@@ -29,7 +29,7 @@ from bunch_cli.errors import CliError, ExitCode
 from bunch_cli.units import usd
 from deploy.processes import ROOT, free_port
 from deploy.stack import SERVICES, Stack
-from tests.stack_helpers import QUICK_TIMERS, png_bytes, running_stack
+from tests.stack_helpers import QUICK_TIMERS, png_bytes, running_stack, stack_bucket
 
 KEY = "cli-key"
 QUOTE_KEY = "cli-quote-key"  # a project of its own, whose job list the dry runs must leave empty
@@ -608,25 +608,12 @@ def test_sending_again_is_bounded_and_refusals_are_not_sent_again(stack: Stack) 
 # --- exports to the project's own bucket ----------------------------------------------------------
 
 
-def export_bucket(stack: Stack) -> Minio:
-    minio = Minio(
-        stack.s3_url.removeprefix("http://"),
-        access_key="minioadmin",
-        secret_key="minioadmin",
-        secure=False,
-        region="us-east-1",
-    )
-    if not minio.bucket_exists(EXPORT_BUCKET):
-        minio.make_bucket(EXPORT_BUCKET)
-    return minio
-
-
 def exported(minio: Minio, prefix: str) -> list[str]:
     return sorted(str(item.object_name) for item in minio.list_objects(EXPORT_BUCKET, prefix=prefix, recursive=True))
 
 
 def test_export_copies_a_groups_images_into_the_projects_bucket(stack: Stack) -> None:
-    minio = export_bucket(stack)
+    minio = stack_bucket(stack, EXPORT_BUCKET)
     destinations = ok(bunch(stack.gateway_url, "export-destinations"))
     row = next(line for line in destinations.splitlines() if line.startswith("archive"))
     assert row.split() == ["archive", stack.s3_url, EXPORT_BUCKET, "bunch-out"], destinations

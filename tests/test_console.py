@@ -13,13 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-from minio import Minio
 from playwright.async_api import Browser, Page, Request, expect
 
 from deploy.processes import ROOT, scratch_dir
 from deploy.stack import SERVICES, Stack, start_stack
 from tests.chromium import chromium, needs_chromium
-from tests.stack_helpers import client, emulator, png_bytes, submit, wait_final
+from tests.stack_helpers import client, emulator, png_bytes, stack_bucket, submit, wait_final
 
 KEY = "console-key"
 POOR_KEY = "console-poor-key"  # a project whose budget no job fits
@@ -206,23 +205,10 @@ async def test_groups_page_downloads_several_groups(page: Page, stack: Stack, tm
     await screenshot(page, "groups.png", tmp_path)
 
 
-def export_bucket(stack: Stack) -> Minio:
-    minio = Minio(
-        stack.s3_url.removeprefix("http://"),
-        access_key="minioadmin",
-        secret_key="minioadmin",
-        secure=False,
-        region="us-east-1",
-    )
-    if not minio.bucket_exists(EXPORT_BUCKET):
-        minio.make_bucket(EXPORT_BUCKET)
-    return minio
-
-
 async def test_groups_page_exports_a_group_to_the_projects_bucket(
     page: Page, browser: Browser, stack: Stack, tmp_path: Path
 ) -> None:
-    minio = await asyncio.to_thread(export_bucket, stack)
+    minio = await asyncio.to_thread(stack_bucket, stack, EXPORT_BUCKET)
     async with client(stack, KEY) as api:
         job_id = await submit(
             api, {"mode": "semi_auto", "group": "bucket-bound", "prompts": ["a brass owl"], "images_per_prompt": 2}

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from deploy.stack import Stack
-from tests.stack_helpers import client, running_stack, submit, wait_final
+from tests.stack_helpers import client, create_group, running_stack, submit, wait_final
 
 KEY_A, KEY_B = "key-a", "key-b"
 
@@ -32,12 +32,6 @@ def stack() -> Iterator[Stack]:
 async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     async with client(stack, KEY_A) as api:
         yield api
-
-
-async def group_id(api: httpx.AsyncClient, name: str) -> str:
-    response = await api.post("/api/groups", json={"name": name})
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
 
 
 async def run_jobs(api: httpx.AsyncClient, stack: Stack, bodies: list[dict[str, Any]]) -> list[str]:
@@ -81,7 +75,7 @@ def semi_auto(group: str, prompt: str, count: int) -> dict[str, Any]:
 async def test_download_zip_has_a_safe_folder_per_group_with_exactly_its_images(
     stack: Stack, api: httpx.AsyncClient
 ) -> None:
-    slash, dots, kanji, clash = [await group_id(api, n) for n in ("a/b", "..", "名前", "a_b")]
+    slash, dots, kanji, clash = [await create_group(api, n) for n in ("a/b", "..", "名前", "a_b")]
     job_ids = await run_jobs(
         api,
         stack,
@@ -133,7 +127,7 @@ async def test_download_zip_has_a_safe_folder_per_group_with_exactly_its_images(
 
 
 async def test_a_single_image_is_linked_directly(stack: Stack, api: httpx.AsyncClient) -> None:
-    lone = await group_id(api, "lone")
+    lone = await create_group(api, "lone")
     (job_id,) = await run_jobs(api, stack, [semi_auto(lone, "only one", 1)])
     download = await request_download(api, [lone])
     assert download["status"] == "ready" and download["image_count"] == 1
@@ -141,14 +135,14 @@ async def test_a_single_image_is_linked_directly(stack: Stack, api: httpx.AsyncC
     results = (await api.get(f"/api/jobs/{job_id}/results")).json()["images"]
     assert await fetch(download["url"]) == await fetch(results[0]["url"])
 
-    empty = await group_id(api, "empty")
+    empty = await create_group(api, "empty")
     failed = await request_download(api, [empty])
     assert failed["status"] == "failed" and failed["url"] is None
     assert failed["error"] == "the groups have no succeeded images"
 
 
 async def test_other_projects_and_bad_requests_get_4xx(stack: Stack, api: httpx.AsyncClient) -> None:
-    mine = await group_id(api, "private")
+    mine = await create_group(api, "private")
     accepted = await api.post("/api/downloads", json={"group_ids": [mine]})
     assert accepted.status_code == 202
     async with client(stack, KEY_B) as other:

@@ -18,9 +18,10 @@ from aiohttp import web
 
 from deploy.processes import free_port, scratch_dir
 from deploy.stack import Stack, effective_settings
+from shared import keys
 from shared.webhook_signing import project_webhook_secret
 from tests.export_destination import DestinationServer, SlowProxy, start_destination_server
-from tests.stack_helpers import client, download_zip, running_stack, submit, wait_final
+from tests.stack_helpers import client, create_group, download_zip, redis_of, running_stack, submit, wait_final
 from tests.test_user_webhooks import verify_signature
 
 KEY_A, KEY_B = "export-key-a", "export-key-b"
@@ -108,7 +109,7 @@ def finished(stack: Stack) -> dict[str, Any]:
 
     async def make() -> dict[str, Any]:
         async with client(stack, KEY_A) as api:
-            cats, dogs = [await group_id(api, name) for name in ("cats", "dogs/puppies")]
+            cats, dogs = [await create_group(api, name) for name in ("cats", "dogs/puppies")]
             bodies = [
                 semi_auto(cats, ["a cat"], 3),
                 semi_auto(cats, ["a kitten", "[emu:safety] blocked"], 1),
@@ -124,12 +125,6 @@ def finished(stack: Stack) -> dict[str, Any]:
 
 def semi_auto(group: str, prompts: list[str], count: int) -> dict[str, Any]:
     return {"mode": "semi_auto", "group": group, "prompts": prompts, "images_per_prompt": count}
-
-
-async def group_id(api: httpx.AsyncClient, name: str) -> str:
-    response = await api.post("/api/groups", json={"name": name})
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
 
 
 async def start_export(api: httpx.AsyncClient, **body: Any) -> str:
@@ -362,7 +357,7 @@ async def test_wrong_credentials_or_a_missing_bucket_fail_every_object_with_the_
 async def test_a_packager_killed_mid_export_resumes_and_writes_each_object_once(
     stack: Stack, api: httpx.AsyncClient, destination: DestinationServer
 ) -> None:
-    big = await group_id(api, "big")
+    big = await create_group(api, "big")
     job_id = await submit(api, semi_auto(big, ["a big one"], 24))
     assert (await wait_final(api, job_id, stack))["status"] == "completed"
     export_id = await start_export(api, destination="slow", group_ids=[big])
@@ -377,11 +372,25 @@ async def test_a_packager_killed_mid_export_resumes_and_writes_each_object_once(
     assert killed_at["status"] == "running" and 4 <= killed_at["progress"]["objects_done"] < 25, killed_at
     stack.start_service("packager", 0)
 
+    # A SIGTERM (a rollout) stops the export after the copies in flight, not at its end, and does not
+    # count as a failed attempt.
+    for _ in range(400):
+        if (await api.get(f"/api/exports/{export_id}")).json()["progress"]["objects_done"] >= 12:
+            break
+        await asyncio.sleep(0.02)
+    stopped = time.monotonic()
+    assert stack.processes["packager-0"].stop(timeout=10) == 0
+    assert time.monotonic() - stopped < 5
+    assert (await api.get(f"/api/exports/{export_id}")).json()["status"] == "running"
+    stack.start_service("packager", 0)
+
     view = await wait_export(api, export_id, within=90)
     assert view["status"] == "completed", view
     progress = view["progress"]
     assert progress["objects_total"] == progress["objects_done"] == 25
     assert progress["objects_copied"] + progress["objects_skipped"] == 25 and progress["objects_failed"] == 0
+    async with redis_of(stack) as redis:  # three deliveries; the one a SIGTERM stopped is not counted
+        assert await redis.hget(keys.export(export_id), "attempts") == "2"
     written = destination.versions("team-a-slow", f"big/{job_id}/")
     assert len(written) == 25 and set(written.values()) == {1}, written
     archive = await download_zip(api, job_id)
