@@ -191,6 +191,11 @@ class ExportStore:
         """{DONE, attempts} | {REFUSED, status} | {MISSING}: scripts/start_export.lua."""
         return await scripts.START_EXPORT(self.redis, [keys.export(export_id)], [export_id, time.time(), objects_total])
 
+    async def forgive_attempt(self, export_id: str) -> None:
+        """Take back the attempt `start` counted: the delivery stopped for a shutdown, not a crash."""
+        if await self.redis.exists(keys.export(export_id)):  # not a hash of its own if purged meanwhile
+            await self.redis.hincrby(keys.export(export_id), "attempts", -1)
+
     async def settled(self, export_id: str, members: list[str]) -> set[str]:
         """Which of `members` ("<job_id>:<index>") the export has settled already."""
         if not members:

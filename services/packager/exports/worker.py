@@ -37,7 +37,15 @@ from shared.export_destinations import Destination
 from shared.models import ImageStatus
 from shared.settings import Settings
 from shared.storage import Storage
-from shared.stores.exports import ExportLayout, ExportRecord, ExportStatus, ExportStore, ObjectError, Outcome
+from shared.stores.exports import (
+    FINAL_EXPORT_STATUSES,
+    ExportLayout,
+    ExportRecord,
+    ExportStatus,
+    ExportStore,
+    ObjectError,
+    Outcome,
+)
 from shared.stores.groups import GroupStore
 from shared.stores.jobs import JobStore
 from shared.stores.records import JobRecord
@@ -112,7 +120,7 @@ class Exporter:
 
     async def run(self, export_id: str) -> None:
         record = await self.exports.find(export_id)
-        if record is None or record.status in (ExportStatus.COMPLETED, ExportStatus.FAILED, ExportStatus.CANCELED):
+        if record is None or record.status in FINAL_EXPORT_STATUSES:
             return  # purged, or ended (a redelivered message)
         destination = self.settings.export_destinations_of(record.project).get(record.destination)
         if destination is None:
@@ -203,6 +211,8 @@ class _ExportRun:
         if self.canceled:
             return  # the cancel ended it
         if self.exporter.stopping:
+            # A rollout is no crash: it does not count toward MAX_ATTEMPTS.
+            await self.exporter.exports.forgive_attempt(self.record.id)
             raise ExportInterrupted(f"export {self.record.id} stopped by the shutdown; it resumes from its message")
         await self._finish()
 
