@@ -38,6 +38,11 @@ def machine() -> str:
     return f"nproc {os.cpu_count()}, Python {platform.python_version()}, {cpu_model()}"
 
 
+def machine_type() -> str:
+    """What absolute figures depend on, so RESULTS.md has a section per type: the CPU model and the core count."""
+    return f"{cpu_model()}, {os.cpu_count()} cores"
+
+
 # ------------------------------------------------------------------------------------ CPU and memory
 
 
@@ -294,17 +299,34 @@ HEADER = [
     "other load during run",
     "date (UTC)",
 ]
+MACHINE_COLUMN = HEADER.index("machine")
+NOTES_HEADING = "### Notes"
 
 PREAMBLE = """# Bunch benchmark results
 
 Written by `make bench` (`.venv/bin/python -m bench`); each benchmark replaces its own rows and
-notes (`python -m bench.<name>` runs one). Ratios against a baseline measured side by side in the
-same run are the figures that count; absolute times are for reference. "other load" is the CPU that
-processes outside the benchmark (other developers' test suites ...) used during the measurement,
-from /proc/stat minus the benchmark's own process tree: anything well above 0 means the figures of
-that row were measured under contention on this 2-core machine.
+notes (`python -m bench.<name>` runs one). Only ratios against a baseline measured side by side in
+the same run, on the same machine, are judged (the target and result columns); absolute times,
+rates and sizes depend on the CPU and are reported for reference only. So there is one section per
+machine type (CPU model and core count): a run replaces rows and notes in its own machine's section
+only, every row names the machine it was measured on, and figures from different sections are not
+to be compared with each other. "other load" is the CPU that processes outside the benchmark (other
+developers' test suites ...) used during the measurement, from /proc/stat minus the benchmark's own
+process tree: anything well above 0 means the figures of that row were measured under contention.
 
 """
+
+_MACHINE_SECTION = re.compile(r"<!-- machine:(.+?):begin -->(.*?)<!-- machine:\1:end -->", re.S)
+_NOTES_SECTION = re.compile(r"<!-- notes:(.+?):begin -->.*?<!-- notes:\1:end -->", re.S)
+_NOTE_FOOTER = re.compile(r"^_\d{4}-\d\d-\d\d \d\d:\d\d UTC, (.+?); other load:", re.M)
+
+
+def machine_type_of(description: str) -> str:
+    """The section a `machine()` description is under: "nproc 2, Python 3.11.7, AMD EPYC" -> "AMD EPYC, 2 cores"."""
+    match = re.fullmatch(r"nproc (\S+), Python [^,]*, (.+)", description.strip())
+    if match:
+        return f"{match.group(2)}, {match.group(1)} cores"
+    return description.strip() or "unknown machine"
 
 
 def _escape(cell: str) -> str:
@@ -313,12 +335,108 @@ def _escape(cell: str) -> str:
 
 def _split_row(line: str) -> list[str]:
     cells = re.split(r"(?<!\\)\|", line.strip().strip("|"))
-    return [c.strip() for c in cells]
+    return [c.strip().replace("\\|", "|") for c in cells]  # unescaped, so that writing it back escapes it once
 
 
 def _order(benchmark: str) -> tuple[int, str]:
     match = re.match(r"(\d+)", benchmark)
     return (int(match.group(1)) if match else 99, benchmark)
+
+
+def _new_section(kind: str) -> str:
+    return f"## {kind}\n\n{TABLE_BEGIN}\n{TABLE_END}\n"
+
+
+def _table_rows(body: str) -> list[list[str]]:
+    """The figure rows (not the header) of the results table in `body`."""
+    if TABLE_BEGIN not in body:
+        return []
+    table = body.split(TABLE_BEGIN, 1)[1].split(TABLE_END, 1)[0]
+    rows = []
+    for line in table.strip().splitlines():
+        cells = _split_row(line)
+        if line.startswith("|") and cells[0] not in ("benchmark", "") and not set(cells[0]) <= {"-"}:
+            rows.append(cells)
+    return rows
+
+
+def _row_machine_type(cells: Sequence[str]) -> str:
+    return machine_type_of(cells[MACHINE_COLUMN] if len(cells) > MACHINE_COLUMN else "")
+
+
+def _with_rows(body: str, benchmarks: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """`body` with the table rows of `benchmarks` replaced by `rows`, the table in benchmark order."""
+    kept = [cells for cells in _table_rows(body) if cells[0] not in benchmarks]
+    kept += [list(cells) for cells in rows]
+    kept.sort(key=lambda cells: _order(cells[0]))  # stable: figure order inside a benchmark stays
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(_escape(c) for c in cells) + " |" for cells in kept]
+    table = f"{TABLE_BEGIN}\n" + "\n".join(lines) + f"\n{TABLE_END}"
+    if TABLE_BEGIN not in body:
+        return body.rstrip("\n") + "\n\n" + table + "\n"
+    before, rest = body.split(TABLE_BEGIN, 1)
+    return before + table + rest.split(TABLE_END, 1)[1]
+
+
+def _with_note(body: str, name: str, section: str) -> str:
+    """`body` with the notes section `name` replaced by `section` (a whole notes:NAME section), or added."""
+    begin, end = f"<!-- notes:{name}:begin -->", f"<!-- notes:{name}:end -->"
+    if begin in body:
+        before, after = body.split(begin, 1)
+        return before + section + after.split(end, 1)[1]
+    if NOTES_HEADING not in body:
+        body = body.rstrip("\n") + f"\n\n{NOTES_HEADING}"
+    return _sort_notes(body.rstrip("\n") + "\n\n" + section + "\n")
+
+
+def _sort_notes(text: str) -> str:
+    """Keep the notes sections in benchmark order whatever order they were first written in."""
+    sections = [(m.group(1), m.group(0)) for m in _NOTES_SECTION.finditer(text)]
+    if not sections:
+        return text
+    start = text.index(sections[0][1])
+    body = _NOTES_SECTION.sub("", text[start:]).strip()
+    ordered = "\n\n".join(s for _, s in sorted(sections, key=lambda s: _order(s[0])))
+    return text[:start] + ordered + ("\n\n" + body if body else "") + "\n"
+
+
+def _split_layout(text: str) -> tuple[str, dict[str, str], str]:
+    """RESULTS.md as its preamble, machine type -> the body of that machine's section, and the prose after them.
+
+    A file in the old layout (one table for every machine, then every note) is converted on the way."""
+    found = list(_MACHINE_SECTION.finditer(text))
+    if found:
+        start = found[0].start()
+        return text[:start], {m.group(1): m.group(2) for m in found}, _MACHINE_SECTION.sub("", text[start:])
+    if TABLE_BEGIN not in text:
+        return PREAMBLE, {}, text
+    return _convert_single_table(text)
+
+
+def _convert_single_table(text: str) -> tuple[str, dict[str, str], str]:
+    """The old layout: each row goes to the section of its machine column, each note to the machine in its footer."""
+    table, tail = text.split(TABLE_BEGIN, 1)[1].split(TABLE_END, 1)
+    rows = _table_rows(TABLE_BEGIN + table + TABLE_END)
+    sections: dict[str, str] = {}
+    for kind in dict.fromkeys(_row_machine_type(cells) for cells in rows):
+        sections[kind] = _with_rows(_new_section(kind), [], [c for c in rows if _row_machine_type(c) == kind])
+    for match in _NOTES_SECTION.finditer(tail):
+        name, note = match.group(1), match.group(0)
+        footers = _NOTE_FOOTER.findall(note)
+        measured_on = [machine_type_of(footers[-1])] if footers else []
+        measured_on += [_row_machine_type(cells) for cells in rows if cells[0] == name] + [*sections, machine_type()]
+        kind = measured_on[0]
+        sections[kind] = _with_note(sections.get(kind) or _new_section(kind), name, note)
+    prose = re.sub(r"^## Notes\n", "", _NOTES_SECTION.sub("", tail), count=1, flags=re.M)
+    return PREAMBLE, sections, prose
+
+
+def _join_layout(head: str, sections: Mapping[str, str], prose: str) -> str:
+    parts = [head.strip()]
+    for kind in sorted(sections):
+        parts.append(f"<!-- machine:{kind}:begin -->\n{sections[kind].strip()}\n<!-- machine:{kind}:end -->")
+    parts.append(prose.lstrip("\n").rstrip())
+    return "\n\n".join(part for part in parts if part) + "\n"
 
 
 def update_results(
@@ -328,26 +446,22 @@ def update_results(
     notes: Mapping[str, str],
     contention: str,
     path: Path = RESULTS,
+    on_machine: str | None = None,
 ) -> None:
-    """Replace the rows of `benchmarks` and their notes sections in RESULTS.md (file-locked)."""
+    """Replace the rows of `benchmarks` and the notes sections `notes` names in this machine type's section of
+    RESULTS.md (file-locked); other machines' sections stay as they are.
+
+    `on_machine` is a `machine()` description, the real one unless given; its section is `machine_type_of` it.
+    A file in the old single-table layout is converted first."""
+    description = on_machine or machine()
+    kind = machine_type_of(on_machine) if on_machine else machine_type()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(Path(tempfile.gettempdir()) / "bunch-bench-results.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        text = path.read_text() if path.exists() else ""
-        if TABLE_BEGIN not in text:
-            text = PREAMBLE + f"{TABLE_BEGIN}\n{TABLE_END}\n\n## Notes\n"
-        head, rest = text.split(TABLE_BEGIN, 1)
-        table, tail = rest.split(TABLE_END, 1)
-        kept = []
-        for line in table.strip().splitlines():
-            cells = _split_row(line)
-            if not line.startswith("|") or cells[0] in ("benchmark", "") or set(cells[0]) <= {"-"}:
-                continue
-            if cells[0] not in benchmarks:
-                kept.append(cells)
-        now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
-        for benchmark, figure in rows:
-            kept.append(
+        head, sections, prose = _split_layout(path.read_text() if path.exists() else "")
+        if rows or notes or kind in sections:
+            now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+            new_rows = [
                 [
                     benchmark,
                     figure.name,
@@ -355,36 +469,19 @@ def update_results(
                     figure.target,
                     figure.verdict,
                     f"`{command}`",
-                    machine(),
+                    description,
                     contention,
                     now,
                 ]
-            )
-        kept.sort(key=lambda cells: _order(cells[0]))  # stable: figure order inside a benchmark stays
-        lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        lines += ["| " + " | ".join(_escape(c) for c in cells) + " |" for cells in kept]
-        text = f"{head}{TABLE_BEGIN}\n" + "\n".join(lines) + f"\n{TABLE_END}{tail}"
-        for name, body in notes.items():
-            begin, end = f"<!-- notes:{name}:begin -->", f"<!-- notes:{name}:end -->"
-            section = f"{begin}\n{body.strip()}\n\n_{now} UTC, {machine()}; other load: {contention}._\n{end}"
-            if begin in text:
-                before, after = text.split(begin, 1)
-                text = before + section + after.split(end, 1)[1]
-            else:
-                text = text.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(_sort_notes(text))
-
-
-def _sort_notes(text: str) -> str:
-    """Keep the notes sections in benchmark order whatever order they were first written in."""
-    pattern = re.compile(r"<!-- notes:(.+?):begin -->.*?<!-- notes:\1:end -->", re.S)
-    sections = [(m.group(1), m.group(0)) for m in pattern.finditer(text)]
-    if not sections:
-        return text
-    start = text.index(sections[0][1])
-    body = pattern.sub("", text[start:]).strip()
-    ordered = "\n\n".join(s for _, s in sorted(sections, key=lambda s: _order(s[0])))
-    return text[:start] + ordered + ("\n\n" + body if body else "") + "\n"
+                for benchmark, figure in rows
+            ]
+            body = _with_rows(sections.get(kind) or _new_section(kind), benchmarks, new_rows)
+            for name, text in notes.items():
+                begin, end = f"<!-- notes:{name}:begin -->", f"<!-- notes:{name}:end -->"
+                footer = f"_{now} UTC, {description}; other load: {contention}._"
+                body = _with_note(body, name, f"{begin}\n{text.strip()}\n\n{footer}\n{end}")
+            sections[kind] = body
+        path.write_text(_join_layout(head, sections, prose))
 
 
 @dataclass
@@ -397,6 +494,9 @@ class Report:
     contention: Contention = field(default_factory=Contention)
 
     def add(self, benchmark: str, name: str, value: str, target: str = "", ok: bool | None = None) -> None:
+        """A figure; `target` and `ok` only for a ratio against a baseline measured in this run."""
+        if getattr(self.args, "smoke", False):
+            ok = None  # tiny sizes say whether the benchmark works, not whether a target holds
         figure = Figure(name, value, target, ok)
         self.rows.append((benchmark, figure))
         verdict = f"  [{figure.verdict.strip('*')}]" if figure.ok is not None else ""
@@ -408,7 +508,7 @@ class Report:
     def finish(self, benchmarks: Sequence[str]) -> int:
         contention = self.contention.describe()
         print(f"  other load during the measurements: {contention}", flush=True)
-        if self.args.record:
+        if self.args.record and not getattr(self.args, "smoke", False):
             update_results(benchmarks, self.rows, command(), self.notes, contention, Path(self.args.results))
             print(f"  written to {self.args.results}", flush=True)
         failed = [f"{b}: {f.name}" for b, f in self.rows if f.ok is False]
@@ -429,6 +529,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--results", default=str(RESULTS), help="the Markdown file to update")
     p.add_argument("--no-record", dest="record", action="store_false", help="print only, leave RESULTS.md alone")
     p.add_argument("--keep", action="store_true", help="keep the stack's scratch directory (logs)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes (bench/run.py SMOKE): checks it runs; nothing judged or recorded",
+    )
     return p
 
 
