@@ -1,18 +1,19 @@
 """Benchmark 4: the gateway's POST /api/jobs and GET /api/jobs/{id}/status, closed and open loop.
 
-Open loop (judged; bench/open_loop.py describes it): requests arrive at a fixed rate, 500 and 1,000
-per second, and latency runs from each request's scheduled send time, on one and two gateway
-processes, beside the bare endpoint; `--code-dir` and `--compare` measure other checkouts.
+Open loop (bench/open_loop.py describes it): requests arrive at a fixed rate, 500 and 1,000 per
+second, and latency runs from each request's scheduled send time, on one and two gateway processes,
+beside the bare endpoint; judged: server CPU per request against the bare endpoint's; `--code-dir`
+and `--compare` measure other checkouts.
 
-Closed loop (for reference): 200 concurrent aiohttp clients (one uvloop process, keep-alive,
+Closed loop: 200 concurrent aiohttp clients (one uvloop process, keep-alive,
 loopback) each send the next request as soon as the previous one answered, for --duration seconds
 per route and app. Its latency is clients / throughput (Little's law), not the service's, so only
-its throughput is judged. The same load against a bare FastAPI app doing one Redis SET (POST) or GET
-(GET) under the same server and flags (bench/serve_app.py), side by side: both apps run at once and
-are measured in alternating slices (each after a short warm-up), so load from other processes on the
-machine weighs on both alike rather than on whichever ran while it lasted. Servers: uvicorn (uvloop
-+ httptools, the gateway's default) and granian (ASGI, uvloop), one worker process each; the
-throughput target is judged on the better server per route.
+its throughput against the bare endpoint's is judged. The same load against a bare FastAPI app doing
+one Redis SET (POST) or GET (GET) under the same server and flags (bench/serve_app.py), side by side:
+both apps run at once and are measured in alternating slices (each after a short warm-up), so load
+from other processes on the machine weighs on both alike rather than on whichever ran while it
+lasted. Servers: uvicorn (uvloop + httptools, the gateway's default) and granian (ASGI, uvloop), one
+worker process each; the throughput ratio is judged on the better server per route.
 
     python -m bench.gateway [--mode open|closed|both] [--duration 10]
     python -m bench.gateway --mode open [--rates 500,1000 --processes 1,2 --compare /tmp/bunch-before]
@@ -350,8 +351,8 @@ does one SET of the same body, GET one GET (bench/serve_app.py).
 {chr(10).join(lines)}
 
 With a closed loop, mean latency = clients / throughput (Little's law): p99 < 50 ms at 200 clients
-would need more than 4,000 req/s, so the latency target is judged in the open loop ("4 gateway open
-loop") instead; the bare endpoints are listed to show what the server + Redis floor allows on this
+would need more than 4,000 req/s, so latency is read in the open loop ("4 gateway open loop")
+instead; the bare endpoints are listed to show what the server + Redis floor allows on this
 machine.""",
     )
     return report.finish([B4])

@@ -232,13 +232,7 @@ def run(args: argparse.Namespace) -> int:
 
         flat = large_zip["hwm"] <= small_zip["hwm"] * 1.10
         for result, size_mb in ((small_zip, args.small_mb), (large_zip, args.large_mb)):
-            report.add(
-                B3,
-                f"packager peak RSS (VmHWM), {size_mb} MB ZIP",
-                fmt_mb(result["hwm"]),
-                "< 200 MB",
-                result["hwm"] < 200 * 1024 * 1024,
-            )
+            report.add(B3, f"packager peak RSS (VmHWM), {size_mb} MB ZIP", fmt_mb(result["hwm"]))
         report.add(
             B3,
             f"peak RSS growth {args.small_mb} MB → {args.large_mb} MB",
@@ -247,6 +241,16 @@ def run(args: argparse.Namespace) -> int:
             flat,
         )
         report.add(B3, f"naive in-memory zipfile peak RSS, {args.small_mb} MB", fmt_mb(naive["hwm"]))
+        # Both children import the same modules, so their fixed cost cancels out of the ratio; what
+        # is left is the archive the naive build holds and the streaming build never does.
+        against_naive = small_zip["hwm"] / naive["hwm"]
+        report.add(
+            B3,
+            f"packager / naive in-memory zipfile peak RSS, {args.small_mb} MB",
+            f"{against_naive:.2f}",
+            "≤ 0.75",
+            against_naive <= 0.75,
+        )
         crc_line = ""
         if crc_seconds is not None:
             crc_line = f"Without a known CRC (zipper._stored_method reads every object twice): {fmt_s(crc_seconds)}."
