@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install install-ts dev test lint typecheck deploy-check check bench smoke image worker-image clean openapi
+.PHONY: install install-ts dev test lint typecheck deploy-check check bench bench-smoke smoke image worker-image clean openapi
 
 TS_CLIENT := clients/typescript
 
@@ -47,7 +47,7 @@ openapi: install install-ts  ## docs/openapi.json from the gateway, then the Typ
 deploy-check:  ## compose, Dockerfiles and Kubernetes manifests against their schemas, linters and policies
 	bash deploy/checks/run
 
-check: lint typecheck deploy-check test
+check: lint typecheck deploy-check test bench-smoke
 
 # Images (needs a Docker engine): tag them, push them, and pin the pushed digests (docs/deploy.md).
 GIT_SHA      := $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
@@ -62,8 +62,11 @@ worker-image:  ## the RunPod worker's image
 smoke: install  ## one small real job against real RunPod and Gemini (skipped, saying why, without their settings)
 	$(BIN)/python -m deploy.smoke
 
-bench: install  ## every benchmark of bench/ (minutes; not part of make test): writes bench/RESULTS.md
+bench: install  ## every benchmark of bench/ (about half an hour): judged by ratios, writes bench/RESULTS.md
 	$(BIN)/python -m bench
+
+bench-smoke: install  ## every benchmark at a tiny size, several at once (about a minute; CI runs it)
+	$(BIN)/python -m bench --smoke
 
 clean:
 	rm -rf $(VENV) .venv-checks .pytest_cache .mypy_cache .ruff_cache *.egg-info
