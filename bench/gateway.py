@@ -1,19 +1,19 @@
 """Benchmark 4: the gateway's POST /api/jobs and GET /api/jobs/{id}/status, closed and open loop.
 
-Open loop (bench/open_loop.py describes it): requests arrive at a fixed rate, 500 and 1,000 per
-second, and latency runs from each request's scheduled send time, on one and two gateway processes,
-beside the bare endpoint; judged: server CPU per request against the bare endpoint's; `--code-dir`
-and `--compare` measure other checkouts.
+Open loop (judged; bench/open_loop.py describes it): requests arrive at a fixed rate, 500 and
+1,000 per second, and latency runs from each request's scheduled send time, on one and two gateway
+processes, beside the bare endpoint; judged: server CPU per request against the bare endpoint's;
+`--code-dir` and `--compare` measure other checkouts.
 
-Closed loop: 200 concurrent aiohttp clients (one uvloop process, keep-alive,
-loopback) each send the next request as soon as the previous one answered, for --duration seconds
-per route and app. Its latency is clients / throughput (Little's law), not the service's, so only
-its throughput against the bare endpoint's is judged. The same load against a bare FastAPI app doing
-one Redis SET (POST) or GET (GET) under the same server and flags (bench/serve_app.py), side by side:
-both apps run at once and are measured in alternating slices (each after a short warm-up), so load
-from other processes on the machine weighs on both alike rather than on whichever ran while it
-lasted. Servers: uvicorn (uvloop + httptools, the gateway's default) and granian (ASGI, uvloop), one
-worker process each; the throughput ratio is judged on the better server per route.
+Closed loop (reported): 200 concurrent aiohttp clients (one uvloop process, keep-alive, loopback)
+each send the next request as soon as the previous one answered, for --duration seconds per route
+and app. Its latency is clients / throughput (Little's law), not the service's, and its throughput
+against the bare endpoint's is the cost per request the open loop judges, seen another way. The
+same load against a bare FastAPI app doing one Redis SET (POST) or GET (GET) under the same server
+and flags (bench/serve_app.py), side by side: both apps run at once and are measured in alternating
+slices (each after a short warm-up), so load from other processes on the machine weighs on both
+alike rather than on whichever ran while it lasted. Servers: uvicorn (uvloop + httptools, the
+gateway's default) and granian (ASGI, uvloop), one worker process each.
 
     python -m bench.gateway [--mode open|closed|both] [--duration 10]
     python -m bench.gateway --mode open [--rates 500,1000 --processes 1,2 --compare /tmp/bunch-before]
@@ -328,8 +328,10 @@ async def closed_loop(args: Any) -> int:
         best = max(measured, key=lambda s: measured[s][f"bunch {route}"].rps)
         bunch, bare = measured[best][f"bunch {route}"], measured[best][f"bare {route}"]
         ratio = bunch.rps / bare.rps
-        report.add(B4, f"best ({best}) {route}: Bunch throughput / bare", fmt_pct(ratio), "≥ 60 %", ratio >= 0.6)
-        # Not judged: at a fixed client count it is clients / throughput; the open loop's p99 is.
+        # Reported: the open loop judges the same cost (server CPU per request against the bare
+        # endpoint's) without a fixed client count shaping it.
+        report.add(B4, f"best ({best}) {route}: Bunch throughput / bare", fmt_pct(ratio))
+        # At a fixed client count the latency is clients / throughput: the open loop's p99 is the one to read.
         report.add(B4, f"best ({best}) {route}: Bunch p99 (closed loop)", fmt_ms(bunch.p99))
 
     lines = []
