@@ -182,9 +182,11 @@ def raw_copy(storage: Storage, dest: Minio, bucket: str, objects: list[tuple[str
         response = storage.client.get_object(storage.bucket, key)
         try:
             dest.put_object(bucket, key, cast(BinaryIO, response), size, "image/png")
-        finally:
+        except BaseException:
             response.close()
-            response.release_conn()
+            raise
+        finally:
+            response.release_conn()  # read to its end: the connection is kept, as the exporter keeps it
         return size
 
     with ThreadPoolExecutor(concurrency) as pool:

@@ -327,8 +327,11 @@ class _ExportRun:
         try:
             size = image.size if image.size is not None else int(response.headers["Content-Length"])
             self.bucket.put_from(response, image.key, size, image.crc32, image.content_type)
+        except BaseException:
+            response.close()  # left half-read: that connection cannot serve another request
+            raise
         finally:
-            response.close()
+            # Read to its end, the connection goes back to the pool: no TCP connect per image.
             response.release_conn()
 
     async def _manifest(self, job: JobRecord, folder: JobFolder) -> None:
