@@ -8,7 +8,6 @@ by minio elsewhere.
 
 import asyncio
 import io
-import zlib
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any, BinaryIO
@@ -20,6 +19,7 @@ from minio.commonconfig import ENABLED, Filter
 from minio.error import S3Error
 from minio.lifecycleconfig import AbortIncompleteMultipartUpload, LifecycleConfig, Rule
 
+from shared import checksums
 from shared.presign import Presigner, path_style_endpoint
 from shared.settings import Settings
 
@@ -182,7 +182,7 @@ class Storage:
         try:
             for chunk in response.stream(256 * 1024):
                 size += len(chunk)
-                crc = zlib.crc32(chunk, crc)
+                crc = checksums.crc32(chunk, crc)
                 if limit is not None and size > limit:
                     response.close()  # left half-read: that connection cannot serve another request
                     break

@@ -18,7 +18,6 @@ import io
 import stat
 import threading
 import unicodedata
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from typing import Any
 
 from stream_zip import NO_COMPRESSION_64, ZIP_64, MemberFile, Method, stream_zip
 
+from shared import checksums
 from shared.errors import BunchError
 from shared.storage import Storage
 
@@ -139,7 +139,7 @@ def _object_checksum(storage: Storage, key: str) -> tuple[int, int]:
     size, crc = 0, 0
     for chunk in storage.iter_object(key):
         size += len(chunk)
-        crc = zlib.crc32(chunk, crc)
+        crc = checksums.crc32(chunk, crc)
     return size, crc
 
 
@@ -155,7 +155,7 @@ def _stored_method(storage: Storage, entry: ZipEntry) -> Method:
     if entry.size is not None and entry.crc32 is not None:
         return NO_COMPRESSION_64(entry.size, entry.crc32)
     if entry.data is not None:
-        return NO_COMPRESSION_64(len(entry.data), zlib.crc32(entry.data))
+        return NO_COMPRESSION_64(len(entry.data), checksums.crc32(entry.data))
     assert entry.object_key is not None
     return NO_COMPRESSION_64(*_object_checksum(storage, entry.object_key))
 
@@ -177,7 +177,7 @@ def _checked(chunks: Iterable[bytes], key: str, size: int, crc32: int) -> Iterat
     try:
         for chunk in chunks:
             seen += len(chunk)
-            crc = zlib.crc32(chunk, crc)
+            crc = checksums.crc32(chunk, crc)
             if seen > size:  # stop at once: an object far larger than claimed is not copied whole first
                 raise ObjectMismatch(key, f"the stored image has more than the {size} bytes recorded")
             yield chunk

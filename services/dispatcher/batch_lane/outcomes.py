@@ -11,13 +11,12 @@ sends interim thought images before the final one: the last image not marked `th
 import asyncio
 import json
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Sequence
 
 from google.genai import types
 from pydantic import BaseModel, ConfigDict
 
-from shared import keys
+from shared import checksums, keys
 from shared.models import ImageStatus
 from shared.storage import Storage
 from shared.stores.records import ClaimedRun, ImageRecord
@@ -149,7 +148,7 @@ class OutcomeWriter:
             object_key=key,
             mime_type=mime_type,
             bytes=len(data),
-            crc32=zlib.crc32(data),
+            crc32=checksums.crc32(data),
             prompt_tokens=prompt_tokens,
             output_tokens=output_tokens,
             finished_at=time.time(),

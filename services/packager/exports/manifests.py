@@ -12,11 +12,11 @@ that changed since, by a redo, ended again later and its manifest is written ane
 
 import json
 import tempfile
-import zlib
 from dataclasses import dataclass
 from typing import IO, Any
 
 from services.packager.packaging import image_entries, manifest
+from shared import checksums
 from shared.stores.jobs import JobStore
 from shared.stores.records import JobRecord
 from shared.times import iso
@@ -42,7 +42,7 @@ class _Writer:
     def write(self, data: bytes) -> None:
         self.file.write(data)
         self.size += len(data)
-        self.crc = zlib.crc32(data, self.crc)
+        self.crc = checksums.crc32(data, self.crc)
 
     def done(self, jsonl: bool) -> ManifestFile:
         self.file.seek(0)
