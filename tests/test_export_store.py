@@ -7,7 +7,7 @@ from redis.asyncio import Redis
 from shared import keys
 from shared.errors import Conflict, OverQuota
 from shared.scripts import Answer
-from shared.stores.exports import ExportLayout, ExportStatus, ExportStore, ObjectError, Outcome
+from shared.stores.exports import ExportLayout, ExportStatus, ExportStore, ObjectError, Outcome, Settlement
 
 
 async def new_export(store: ExportStore, project: str = "p", webhook_url: str | None = None) -> str:
@@ -28,12 +28,16 @@ async def test_an_object_settled_twice_is_counted_once(fresh_redis: Redis) -> No
     export_id = await new_export(store)
     assert (await store.start(export_id, 3)).values == (1,)
     assert (await store.start(export_id, 3)).values == (2,)  # taken up again after a crash
-    assert (await store.settle(export_id, "j:0", Outcome.COPIED, 100)).done
-    again = await store.settle(export_id, "j:0", Outcome.SKIPPED)  # the resumed export finds it there
-    assert again.answer == Answer.REFUSED and again.values == ("running",)
-    for index in (1, 2):
-        error = ObjectError(object=f"k/{index}", job_id="j", index=index, reason="nope")
-        await store.settle(export_id, f"j:{index}", Outcome.FAILED, 0, error)
+    assert (await store.settle(export_id, [Settlement("j:0", Outcome.COPIED, 100)])).values == ("running", 1)
+    # The resumed export finds it there, in a batch with two failures: only those are counted.
+    failures = [
+        Settlement(
+            f"j:{index}", Outcome.FAILED, 0, ObjectError(object=f"k/{index}", job_id="j", index=index, reason="nope")
+        )
+        for index in (1, 2)
+    ]
+    again = await store.settle(export_id, [failures[0], Settlement("j:0", Outcome.SKIPPED), failures[1]])
+    assert again.answer == Answer.DONE and again.values == ("running", 1, 0, 1)
     record = await store.find(export_id)
     assert record is not None and record.status == ExportStatus.RUNNING and record.attempts == 2
     assert record.progress() == {
@@ -57,10 +61,11 @@ async def test_the_end_is_told_once_and_frees_the_projects_place(fresh_redis: Re
     assert await new_export(store, project="other")  # another project's place is its own
 
     await store.start(first, 1)
-    await store.settle(first, "j:0", Outcome.COPIED, 10)
+    await store.settle(first, [Settlement("j:0", Outcome.COPIED, 10)])
     assert (await store.finish(first, ExportStatus.COMPLETED, objects_total=1)).done
     assert (await store.finish(first, ExportStatus.FAILED)).values == ("completed",)
-    assert (await store.settle(first, "j:1", Outcome.COPIED, 10)).values == ("completed",)  # not counted
+    late = await store.settle(first, [Settlement("j:1", Outcome.COPIED, 10)])
+    assert late.answer == Answer.REFUSED and late.values == ("completed",)  # not counted
     assert not await fresh_redis.exists(keys.export_done(first))
     assert await new_export(store)  # its place is free again
 

@@ -4,6 +4,8 @@ cancels them, the packager (services/packager/exports/) copies and settles their
 import json
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -94,6 +96,16 @@ class ObjectError(BaseModel):
     job_id: str
     index: int | None  # None: the job's manifest
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What became of one object of an export, to be counted (ExportStore.settle)."""
+
+    member: str  # "<job_id>:<index>" or "<job_id>:manifest"
+    outcome: Outcome
+    copied_bytes: int = 0
+    error: ObjectError | None = None
 
 
 NOT_FOUND = "No such export in this project."
@@ -203,14 +215,15 @@ class ExportStore:
         flags = await self.redis.smismember(keys.export_done(export_id), members)
         return {member for member, flag in zip(members, flags, strict=True) if flag}
 
-    async def settle(
-        self, export_id: str, member: str, outcome: Outcome, copied_bytes: int = 0, error: ObjectError | None = None
-    ) -> scripts.Reply:
-        """{DONE, status} | {REFUSED, status} (settled before) | {MISSING}: scripts/settle_export_object.lua."""
-        return await scripts.SETTLE_EXPORT_OBJECT(
-            self.redis,
-            [keys.export(export_id), keys.export_done(export_id), keys.export_errors(export_id)],
-            [member, outcome.value, copied_bytes, error.model_dump_json() if error else "", self.max_errors_kept],
+    async def settle(self, export_id: str, settlements: Sequence[Settlement]) -> scripts.Reply:
+        """{DONE, status, counted...} a flag per settlement (0: settled before) | {REFUSED, status}
+        the export has ended | {MISSING}: scripts/settle_export_objects.lua."""
+        args: list[str | int] = [self.max_errors_kept]
+        for item in settlements:
+            error = item.error.model_dump_json() if item.error else ""
+            args += [item.member, item.outcome.value, item.copied_bytes, error]
+        return await scripts.SETTLE_EXPORT_OBJECTS(
+            self.redis, [keys.export(export_id), keys.export_done(export_id), keys.export_errors(export_id)], args
         )
 
     async def status(self, export_id: str) -> ExportStatus | None:

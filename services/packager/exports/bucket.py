@@ -7,7 +7,6 @@ one HEAD. A copy between two servers streams the source into the PUT and checks 
 the last bytes go out, so an image that changed in storage is refused, never written.
 """
 
-import zlib
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, cast
 
@@ -17,6 +16,7 @@ from minio.commonconfig import REPLACE, CopySource
 from minio.error import MinioException, S3Error, ServerError
 from urllib3.exceptions import HTTPError
 
+from shared import checksums
 from shared.export_destinations import Destination
 
 CRC_METADATA = "x-amz-meta-bunch-crc32"
@@ -108,7 +108,7 @@ class _Verified:
     def read(self, n: int = -1) -> bytes:
         chunk: bytes = self.response.read(n if n >= 0 else None)
         self.seen += len(chunk)
-        self.crc = zlib.crc32(chunk, self.crc)
+        self.crc = checksums.crc32(chunk, self.crc)
         if self.seen > self.size:
             raise CopyFailed(f"{self.key}: the stored image has more than the {self.size} bytes recorded")
         if self.seen == self.size and self.crc32 is not None and self.crc != self.crc32:

@@ -8,8 +8,6 @@ so a dataset pipeline finds it by name; the job id below it keeps two groups who
 the same ("a/b" and "a_b") from ever sharing an object.
 """
 
-from dataclasses import dataclass
-
 from services.packager.zipper import safe_zip_path
 from shared.export_destinations import Destination
 from shared.planning import image_file_name
@@ -19,21 +17,19 @@ MANIFEST_JSON = "manifest.json"
 MANIFEST_JSONL = "manifest.jsonl"
 
 
-@dataclass(frozen=True, slots=True)
 class JobFolder:
     """The keys of one job's objects at the destination."""
 
-    destination: Destination
-    layout: ExportLayout
-    group_name: str
-    job_id: str
+    __slots__ = ("listing_prefix",)
+    listing_prefix: str
 
-    @property
-    def listing_prefix(self) -> str:
-        """The prefix every image key of the job starts with (what one LIST looks under)."""
-        if self.layout == ExportLayout.FLAT:
-            return self.destination.key(f"{self.job_id}-")
-        return self.destination.key(f"{safe_zip_path(self.group_name)}/{self.job_id}/")
+    def __init__(self, destination: Destination, layout: ExportLayout, group_name: str, job_id: str) -> None:
+        # Worked out once per job, not per image: safe_zip_path normalises the whole name.
+        if layout == ExportLayout.FLAT:
+            prefix = destination.key(f"{job_id}-")
+        else:
+            prefix = destination.key(f"{safe_zip_path(group_name)}/{job_id}/")
+        self.listing_prefix = prefix  # every image key of the job starts with it (what one LIST looks under)
 
     def image_key(self, index: int, mime_type: str | None) -> str:
         return self.listing_prefix + image_file_name(index, mime_type)

@@ -8,8 +8,9 @@ Taking it up again copies nothing twice:
 - an object copied but not yet settled when the packager died is found at the destination (one
   LIST per page of 256 images, one HEAD for what the LIST shows with the right size) with the
   same CRC-32, and settled as skipped;
-- each object is counted once (shared/lua/settle_export_object.lua), so progress never counts a
-  copy twice, and the final counts are the settled objects.
+- each object is counted once (shared/lua/settle_export_objects.lua, a batch of settlements per
+  call: settler.py), so progress never counts a copy twice, and the final counts are the settled
+  objects.
 
 Jobs are read a page of image records at a time and copies run `export_concurrency` at a time in
 a thread pool of the exporter's own, each holding at most one image (minio reads a single-part PUT
@@ -32,6 +33,7 @@ from urllib3.exceptions import HTTPError
 from services.packager.exports.bucket import CopyFailed, DestinationBucket, Present, crc_text, explain
 from services.packager.exports.layout import JobFolder, image_member, manifest_member
 from services.packager.exports.manifests import job_manifest
+from services.packager.exports.settler import Settler
 from shared import keys
 from shared.export_destinations import Destination
 from shared.models import ImageStatus
@@ -45,6 +47,7 @@ from shared.stores.exports import (
     ExportStore,
     ObjectError,
     Outcome,
+    Settlement,
 )
 from shared.stores.groups import GroupStore
 from shared.stores.jobs import JobStore
@@ -190,15 +193,20 @@ class _ExportRun:
         self.slots = asyncio.Semaphore(settings.export_concurrency)
         self.tasks: set[asyncio.Task[None]] = set()
         self.wide: CopyFailed | None = None  # the destination refuses everything: the rest fails with it
+        self.settler = Settler(exporter.exports, record.id)
         self.canceled = False
-        self.outcomes = {outcome: 0 for outcome in Outcome}
 
     def summary(self) -> str:
-        return ", ".join(f"{count} {outcome.value}" for outcome, count in self.outcomes.items())
+        return ", ".join(f"{count} {outcome.value}" for outcome, count in self.settler.outcomes.items())
+
+    @property
+    def ended(self) -> bool:
+        """Canceled, or ended or purged meanwhile: nothing is left to do."""
+        return self.canceled or self.settler.ended
 
     @property
     def halted(self) -> bool:
-        return self.canceled or self.exporter.stopping
+        return self.ended or self.exporter.stopping or self.settler.failure is not None
 
     async def execute(self, jobs: list[_Job]) -> None:
         try:
@@ -208,7 +216,8 @@ class _ExportRun:
                 await self._job(job)
         finally:
             await self._drain()
-        if self.canceled:
+            await self.settler.close()
+        if self.ended:
             return  # the cancel ended it
         if self.exporter.stopping:
             # A rollout is no crash: it does not count toward MAX_ATTEMPTS.
@@ -286,7 +295,7 @@ class _ExportRun:
             if self.halted:
                 return
             if self.wide is not None:
-                await self._settle(image.member, image.job_id, image.index, image.key, Outcome.FAILED, 0, self.wide)
+                self._settle(image.member, image.job_id, image.index, image.key, Outcome.FAILED, 0, self.wide)
                 continue
             await self.slots.acquire()
             task = asyncio.create_task(self._copy(image, present.get(image.key)))
@@ -296,11 +305,11 @@ class _ExportRun:
     async def _copy(self, image: _Image, present: Present | None) -> None:
         try:
             outcome, copied = await self._transfer(image, present)
-            await self._settle(image.member, image.job_id, image.index, image.key, outcome, copied)
+            self._settle(image.member, image.job_id, image.index, image.key, outcome, copied)
         except CopyFailed as failure:
             if failure.wide and self.wide is None:
                 self.wide = failure
-            await self._settle(image.member, image.job_id, image.index, image.key, Outcome.FAILED, 0, failure)
+            self._settle(image.member, image.job_id, image.index, image.key, Outcome.FAILED, 0, failure)
         finally:
             self.slots.release()
 
@@ -347,7 +356,7 @@ class _ExportRun:
             if self.wide is not None:
                 raise self.wide
             if await self._attempts(self.bucket.checksum, key) == crc_text(manifest.crc32):
-                await self._settle(member, job.id, None, key, Outcome.SKIPPED, 0)
+                self._settle(member, job.id, None, key, Outcome.SKIPPED, 0)
                 return
             content_type = "application/x-ndjson" if manifest.jsonl else "application/json"
 
@@ -356,11 +365,11 @@ class _ExportRun:
                 self.bucket.put_file(key, manifest.data, manifest.size, manifest.crc32, content_type)
 
             await self._attempts(put)
-            await self._settle(member, job.id, None, key, Outcome.COPIED, manifest.size)
+            self._settle(member, job.id, None, key, Outcome.COPIED, manifest.size)
         except CopyFailed as failure:
             if failure.wide and self.wide is None:
                 self.wide = failure
-            await self._settle(member, job.id, None, key, Outcome.FAILED, 0, failure)
+            self._settle(member, job.id, None, key, Outcome.FAILED, 0, failure)
         finally:
             manifest.data.close()
 
@@ -380,7 +389,7 @@ class _ExportRun:
             await asyncio.sleep(self.settings.export_backoff_seconds * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
 
-    async def _settle(
+    def _settle(
         self,
         member: str,
         job_id: str,
@@ -393,9 +402,4 @@ class _ExportRun:
         error = None
         if failure is not None:
             error = ObjectError(object=key, job_id=job_id, index=index, reason=failure.reason)
-        reply = await self.exporter.exports.settle(self.record.id, member, outcome, copied, error)
-        if reply.done:
-            self.outcomes[outcome] += 1
-        status = reply.values[0] if reply.values else None
-        if status is None or status == ExportStatus.CANCELED:
-            self.canceled = True  # canceled, or purged
+        self.settler.add(Settlement(member, outcome, copied, error))
