@@ -24,6 +24,9 @@ MIB = 1024 * 1024
 MAX_UPLOAD = 2 * MIB  # small limits, so refusing oversized entries needs no large test data
 MAX_DATASET = 6 * MIB
 MAX_ENTRIES = 2100
+# The 2,000-image job's 500 runs, 16 at a time: the runpod SDK's worker pauses 1 s whenever it is
+# full, so at the default cap of 5 the job takes 100 such waves (~100 s) and proves nothing more.
+CAPACITY = 16
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,9 @@ def stack() -> Iterator[Stack]:
         "bunch-datasets-",
         api_keys=f"{KEY_A}:project-a,{KEY_B}:project-b",
         services=("gateway",),
+        runpod_workers=CAPACITY,
         service_env={
+            "BUNCH_MAX_CONCURRENCY": str(CAPACITY),
             "BUNCH_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
             "BUNCH_MAX_DATASET_BYTES": str(MAX_DATASET),
             "BUNCH_MAX_DATASET_ENTRIES": str(MAX_ENTRIES),
