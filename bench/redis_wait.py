@@ -358,12 +358,37 @@ PERIOD_HEADER = [
 ]
 
 
-def append_section(path: Path, text: str) -> None:
-    """Append `text` at the end of RESULTS.md (under the lock bench.common's writer takes)."""
+BEGIN, END = "<!-- redis_wait:begin -->", "<!-- redis_wait:end -->"
+
+
+def replace_section(path: Path, text: str) -> None:
+    """This benchmark's section of RESULTS.md replaced by `text`, or appended the first time (under
+    the lock bench.common's writer takes): a run replaces the last one's figures, never adds a copy."""
     with open(Path(tempfile.gettempdir()) / "bunch-bench-results.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = path.read_text() if path.exists() else ""
-        path.write_text(old.rstrip("\n") + "\n\n" + text.strip() + "\n")
+        block = f"{BEGIN}\n{text.strip()}\n{END}"
+        if BEGIN in old and END in old:
+            head, rest = old.split(BEGIN, 1)
+            path.write_text(head + block + rest.split(END, 1)[1])
+            return
+        path.write_text(without_unmarked_sections(old).rstrip("\n") + "\n\n" + block + "\n")
+
+
+def without_unmarked_sections(text: str) -> str:
+    """`text` without the sections earlier runs appended before the markers: each from HEADING to
+    the next heading of its level or above."""
+    kept: list[str] = []
+    inside = False
+    for line in text.splitlines(keepends=True):
+        if line.rstrip("\n") == HEADING:
+            inside = True
+            continue
+        if inside and line.startswith(("# ", "## ", "<!-- ")):
+            inside = False
+        if not inside:
+            kept.append(line)
+    return "".join(kept)
 
 
 async def main_async(args: Any) -> int:
@@ -472,8 +497,9 @@ WAITs no replica confirmed in time: {unconfirmed:.0f}. AOF rewrites during the r
 
 {runs_table}
 {stalls}"""
-    append_section(Path(args.results), section)
-    print(f"  appended to {args.results}", flush=True)
+    if args.record:
+        replace_section(Path(args.results), section)
+        print(f"  written to {args.results}", flush=True)
     return 0
 
 

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 from bench.common import HEADER, PREAMBLE, Figure, machine, machine_type, machine_type_of, update_results
+from bench.redis_wait import HEADING, replace_section
 
 EPYC = "nproc 2, Python 3.11.7, AMD EPYC"
 XEON = "nproc 8, Python 3.12.1, Intel Xeon"
@@ -170,3 +171,15 @@ def test_the_old_single_table_layout_is_converted_on_the_first_write(tmp_path: P
     converted = path.read_text()
     update_results([], [], "", {}, "", path, on_machine=EPYC)  # nothing new: the file stays as it is
     assert path.read_text() == converted
+
+
+def test_the_replica_wait_section_replaces_its_last_run_and_the_copies_appended_before(tmp_path: Path) -> None:
+    path = tmp_path / "RESULTS.md"
+    appended = f"{HEADING}\n\nold figures\n\n| a | b |\n"
+    path.write_text(f"# Bunch benchmark results\n\n{PROSE}\n{appended}\n{appended}")
+    replace_section(path, f"{HEADING}\n\nrun 1")
+    replace_section(path, f"{HEADING}\n\nrun 2")
+    text = path.read_text()
+    assert text.count(HEADING) == 1 and "run 2" in text
+    assert "run 1" not in text and "old figures" not in text
+    assert PROSE in text  # the hand-written section before them is kept whole
