@@ -449,7 +449,7 @@ Time: {speed.images} objects of {args.object_kb} KB in {speed.jobs} jobs of one 
 {speed.seed_seconds:.0f} s). Raw copy: each object GET from the source and PUT with its known length to
 the destination, minio clients, a pool of {concurrency} threads (settings.export_concurrency). Export:
 `Exporter.run` of a by_group export of that group with manifests ({speed.jobs} more small PUTs, and a
-HEAD each), progress settled in Redis per object, on uvloop as in the packager. Each pass into a
+HEAD each), progress settled in Redis a batch per call (settler.py), on uvloop as in the packager. Each pass into a
 fresh bucket, emptied after it; one raw copy first, not counted (warm-up); then {args.reps} pairs of
 passes, the order swapped every pair (raw {", ".join(f"{t:.2f}" for t in speed.raw)} s; export
 {", ".join(f"{t:.2f}" for t in speed.bunch)} s). Judged: the median of the pairs' raw / export
@@ -460,8 +460,8 @@ CPU seconds per GB, mean of the passes: raw copy {cpu_summary(speed.cpu["raw"], 
 export {cpu_summary(speed.cpu["bunch"], gb)}. In all {export_cpu:.1f} against {raw_cpu:.1f}
 ({(export_cpu / raw_cpu - 1) * 100:+.1f} %), with {busy} busy during the passes: on this machine the
 copy is bound by CPU (both S3 servers are Python on the same cores), so the exporter's extra client
-CPU (the CRC-32 of every byte, a Redis settle per object, the event loop handing copies to its
-threads) costs about as much throughput; between real servers the copies wait on the network.
+CPU (the CRC-32 of every byte, the settlements, the event loop handing copies to its threads) costs
+about as much throughput; between real servers the copies wait on the network.
 
 Memory: VmHWM of a fresh `python -m bench.exports --child ...` process running one export (imports
 included: VmRSS before the export {fmt_mb(small.result["rss_before"])}), objects of {args.small_object_kb} KB in jobs of
