@@ -9,21 +9,14 @@ from redis.asyncio import Redis
 
 from services.packager.exports import settler as settler_module
 from services.packager.exports.settler import Settler
-from shared.stores.exports import ExportLayout, ExportStatus, ExportStore, Outcome, Settlement
+from shared.stores.exports import ExportStatus, ExportStore, Outcome, Settlement
+from tests.test_export_store import new_export
 
 
 async def started_export(store: ExportStore, total: int) -> str:
-    record = await store.create(
-        "p",
-        "archive",
-        job_ids=[],
-        group_ids=["a" * 32],
-        layout=ExportLayout.BY_GROUP,
-        include_manifest=False,
-        webhook_url=None,
-    )
-    await store.start(record.id, total)
-    return record.id
+    export_id = await new_export(store)
+    await store.start(export_id, total)
+    return export_id
 
 
 async def script_calls(redis: Redis) -> int:
